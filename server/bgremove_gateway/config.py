@@ -1,0 +1,170 @@
+"""The one typed configuration object, built from CLI flags with BGREMOVE_* environment fallbacks.
+
+Precedence: flag > environment variable > default. OpenTelemetry is configured separately by the
+standard OTEL_* variables, which the SDK reads itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MiB = 1024 * 1024
+
+# The repository checkout's model_repository/, found relative to this file so `bgremove serve`
+# works from any working directory in a development install.
+DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every limit the gateway enforces; all reported by GetServiceInfo."""
+
+    max_upload_bytes: int = 50 * MiB
+    max_chunk_bytes: int = 1 * MiB
+    max_pixels: int = 64_000_000
+    max_unary_bytes: int = 3 * MiB
+    idle_timeout_s: float = 30.0
+    result_chunk_bytes: int = 256 * 1024
+    max_output_side: int = 16384
+
+
+@dataclass(frozen=True)
+class TritonSettings:
+    """Where inference runs. No urls means: start an embedded Triton on loopback."""
+
+    urls: tuple[str, ...] = ()
+    grpc_port: int = 8201
+    http_port: int = 8200
+    metrics_port: int = 8202
+    model_repository: Path = DEFAULT_MODEL_REPOSITORY
+    model_config_name: str = "cpu"
+    startup_timeout_s: float = 180.0
+    infer_timeout_s: float = 60.0
+
+    @property
+    def embedded(self) -> bool:
+        return not self.urls
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: str = "127.0.0.1:50051"
+    default_model: str = "u2netp"
+    limits: Limits = field(default_factory=Limits)
+    triton: TritonSettings = field(default_factory=TritonSettings)
+    # Threads for decode/resize/encode; these release the GIL, so more than the core count wastes memory.
+    cpu_workers: int = max(2, os.cpu_count() or 2)
+    drain_seconds: float = 25.0
+    log_level: str = "INFO"
+
+
+def _env(env: Mapping[str, str], name: str, default: str) -> str:
+    return env.get(f"BGREMOVE_{name}", default)
+
+
+def add_triton_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
+    env = os.environ if env is None else env
+    t = TritonSettings()
+    parser.add_argument(
+        "--triton-url",
+        dest="triton_urls",
+        action="append",
+        default=[u for u in _env(env, "TRITON_URL", "").split(",") if u],
+        metavar="HOST:PORT",
+        help="external Triton gRPC endpoint (repeatable); none starts an embedded Triton [BGREMOVE_TRITON_URL]",
+    )
+    parser.add_argument(
+        "--triton-grpc-port", type=int, default=int(_env(env, "TRITON_GRPC_PORT", str(t.grpc_port)))
+    )
+    parser.add_argument(
+        "--triton-http-port", type=int, default=int(_env(env, "TRITON_HTTP_PORT", str(t.http_port)))
+    )
+    parser.add_argument(
+        "--triton-metrics-port", type=int, default=int(_env(env, "TRITON_METRICS_PORT", str(t.metrics_port)))
+    )
+    parser.add_argument(
+        "--model-repository",
+        type=Path,
+        default=Path(_env(env, "MODEL_REPOSITORY", str(t.model_repository))),
+    )
+    parser.add_argument(
+        "--model-config-name",
+        default=_env(env, "MODEL_CONFIG_NAME", t.model_config_name),
+        help="config under <model>/configs/ that Triton loads: cpu or gpu [BGREMOVE_MODEL_CONFIG_NAME]",
+    )
+    parser.add_argument(
+        "--triton-startup-timeout",
+        type=float,
+        default=float(_env(env, "TRITON_STARTUP_TIMEOUT", str(t.startup_timeout_s))),
+    )
+    parser.add_argument(
+        "--infer-timeout",
+        type=float,
+        default=float(_env(env, "INFER_TIMEOUT", str(t.infer_timeout_s))),
+    )
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
+    env = os.environ if env is None else env
+    s, lim = Settings(), Limits()
+    parser.add_argument("--listen", default=_env(env, "LISTEN", s.listen), help="gRPC address [BGREMOVE_LISTEN]")
+    parser.add_argument("--default-model", default=_env(env, "DEFAULT_MODEL", s.default_model))
+    parser.add_argument(
+        "--max-upload-bytes", type=int, default=int(_env(env, "MAX_UPLOAD_BYTES", str(lim.max_upload_bytes)))
+    )
+    parser.add_argument(
+        "--max-chunk-bytes", type=int, default=int(_env(env, "MAX_CHUNK_BYTES", str(lim.max_chunk_bytes)))
+    )
+    parser.add_argument("--max-pixels", type=int, default=int(_env(env, "MAX_PIXELS", str(lim.max_pixels))))
+    parser.add_argument(
+        "--max-unary-bytes", type=int, default=int(_env(env, "MAX_UNARY_BYTES", str(lim.max_unary_bytes)))
+    )
+    parser.add_argument(
+        "--idle-timeout", type=float, default=float(_env(env, "IDLE_TIMEOUT", str(lim.idle_timeout_s)))
+    )
+    parser.add_argument(
+        "--max-output-side", type=int, default=int(_env(env, "MAX_OUTPUT_SIDE", str(lim.max_output_side)))
+    )
+    parser.add_argument("--cpu-workers", type=int, default=int(_env(env, "CPU_WORKERS", str(s.cpu_workers))))
+    parser.add_argument(
+        "--drain-seconds", type=float, default=float(_env(env, "DRAIN_SECONDS", str(s.drain_seconds)))
+    )
+    parser.add_argument("--log-level", default=_env(env, "LOG_LEVEL", s.log_level))
+    add_triton_arguments(parser, env)
+
+
+def triton_settings_from_args(ns: argparse.Namespace) -> TritonSettings:
+    return TritonSettings(
+        urls=tuple(ns.triton_urls),
+        grpc_port=ns.triton_grpc_port,
+        http_port=ns.triton_http_port,
+        metrics_port=ns.triton_metrics_port,
+        model_repository=ns.model_repository.resolve(),
+        model_config_name=ns.model_config_name,
+        startup_timeout_s=ns.triton_startup_timeout,
+        infer_timeout_s=ns.infer_timeout,
+    )
+
+
+def settings_from_args(ns: argparse.Namespace) -> Settings:
+    limits = Limits(
+        max_upload_bytes=ns.max_upload_bytes,
+        max_chunk_bytes=ns.max_chunk_bytes,
+        max_pixels=ns.max_pixels,
+        max_unary_bytes=ns.max_unary_bytes,
+        idle_timeout_s=ns.idle_timeout,
+        max_output_side=ns.max_output_side,
+    )
+    return Settings(
+        listen=ns.listen,
+        default_model=ns.default_model,
+        limits=limits,
+        triton=triton_settings_from_args(ns),
+        cpu_workers=ns.cpu_workers,
+        drain_seconds=ns.drain_seconds,
+        log_level=ns.log_level.upper(),
+    )
