@@ -1,0 +1,132 @@
+"""`bgremove`: serve, triton, prepare-models, remove."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bgremove_gateway import __version__
+from bgremove_gateway.config import (
+    DEFAULT_MODEL_REPOSITORY,
+    add_serve_arguments,
+    add_triton_arguments,
+    settings_from_args,
+    triton_settings_from_args,
+)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _cmd_serve(ns: argparse.Namespace) -> int:
+    from bgremove.tracing import configure_tracing, shutdown_tracing
+    from bgremove_gateway.server import StartupError, serve
+
+    settings = settings_from_args(ns)
+    _configure_logging(settings.log_level)
+    provider = configure_tracing("bgremove-gateway")
+    try:
+        return asyncio.run(serve(settings))
+    except StartupError as exc:
+        print(f"bgremove serve: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown_tracing(provider)
+
+
+def _cmd_triton(ns: argparse.Namespace) -> int:
+    """Only the embedded Triton, in the foreground, until SIGINT/SIGTERM."""
+    import signal
+
+    from bgremove.tracing import otlp_traces_url
+    from bgremove_gateway.triton_process import EmbeddedTriton, TritonStartError
+
+    _configure_logging(ns.log_level)
+    triton = EmbeddedTriton(triton_settings_from_args(ns), otlp_traces_url=otlp_traces_url())
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await triton.start()
+        except TritonStartError as exc:
+            print(f"bgremove triton: {exc}", file=sys.stderr)
+            return 1
+        logging.getLogger("bgremove.triton").info(
+            "Triton ready: gRPC %s, HTTP %s, models %s", triton.grpc_url, triton.http_url, triton.models
+        )
+        await stop.wait()
+        await triton.stop()
+        return 0
+
+    return asyncio.run(run())
+
+
+def _cmd_prepare_models(ns: argparse.Namespace) -> int:
+    from bgremove_gateway.model_repo import prepare_models
+
+    _configure_logging(ns.log_level)
+    try:
+        prepared = prepare_models(ns.model_repository, u2net_source=ns.u2net, force=ns.force)
+    except (OSError, ValueError) as exc:
+        print(f"bgremove prepare-models: {exc}", file=sys.stderr)
+        return 1
+    for model in prepared:
+        print(model)
+    return 0
+
+
+def _cmd_remove(ns: argparse.Namespace) -> int:
+    from bgremove.cli_remove import run
+
+    return run(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bgremove", description="Background removal over gRPC, on NVIDIA Triton.")
+    parser.add_argument("--version", action="version", version=f"bgremove {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="start the gateway (and an embedded Triton unless --triton-url is given)")
+    add_serve_arguments(p)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("triton", help="start only an embedded Triton on loopback")
+    add_triton_arguments(p)
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=_cmd_triton)
+
+    p = sub.add_parser("prepare-models", help="build the model repository's ONNX graphs from verified weights")
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
+    p.add_argument("--u2net", type=Path, default=None, help="full U2-Net weights (rembg's u2net.onnx) to add")
+    p.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=_cmd_prepare_models)
+
+    from bgremove.cli_remove import add_arguments as add_remove_arguments
+
+    p = sub.add_parser("remove", help="remove the background from images through a running service")
+    add_remove_arguments(p)
+    p.set_defaults(func=_cmd_remove)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    code: int = ns.func(ns)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

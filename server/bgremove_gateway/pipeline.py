@@ -1,0 +1,92 @@
+"""upload → decode → preprocess → infer → postprocess → encode, one span per step.
+
+CPU-bound steps run in a bounded thread pool (Pillow and numpy release the GIL), so the event loop
+keeps serving other streams while one image is decoded or encoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+from opentelemetry import trace
+
+from bgremove.v1 import bgremove_pb2 as pb
+from bgremove_gateway.config import Settings
+from bgremove_gateway.decode import decode
+from bgremove_gateway.encode import encode
+from bgremove_gateway.infer import TritonInference
+from bgremove_gateway.postprocess import compose, mask_to_alpha
+from bgremove_gateway.preprocess import to_model_input
+from bgremove_gateway.upload import Upload, read_stream_upload, unary_upload, validate_options
+
+tracer = trace.get_tracer("bgremove.gateway")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Result:
+    header: pb.ResultHeader
+    data: bytes
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, inference: TritonInference, executor: ThreadPoolExecutor) -> None:
+        self.settings = settings
+        self.inference = inference
+        self.executor = executor
+        self.models: Sequence[str] = (settings.default_model,)
+
+    async def _cpu(self, step: str, fn: Callable[[], T]) -> T:
+        with tracer.start_as_current_span(step):
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+
+    async def receive(self, requests: AsyncIterator[pb.UploadRequest]) -> Upload:
+        """Reads and checks a streamed upload: protocol, sizes, checksum, options."""
+        with tracer.start_as_current_span("validate") as span:
+            upload = await read_stream_upload(requests, self.settings.limits)
+            self._check(upload, span)
+        return upload
+
+    def receive_unary(self, request: pb.RemoveBackgroundRequest) -> Upload:
+        with tracer.start_as_current_span("validate") as span:
+            upload = unary_upload(request, self.settings.limits)
+            self._check(upload, span)
+        return upload
+
+    def _check(self, upload: Upload, span: trace.Span) -> None:
+        validate_options(upload.options, self.settings.limits, self.models)
+        span.set_attribute("bgremove.upload.bytes", len(upload.data))
+        span.set_attribute("bgremove.upload.content_type", upload.content_type)
+
+    async def run(self, upload: Upload, *, timeout_s: float | None = None) -> Result:
+        options = upload.options
+        model = options.model or self.settings.default_model
+        limits = self.settings.limits
+        decoded = await self._cpu("decode", lambda: decode(upload.data, upload.content_type, limits))
+        width, height = decoded.image.size
+        trace.get_current_span().set_attribute("bgremove.image.pixels", width * height)
+        tensor = await self._cpu("preprocess", lambda: to_model_input(decoded.image))
+        with tracer.start_as_current_span("infer", kind=trace.SpanKind.CLIENT):
+            mask = await self.inference.infer(model, tensor, timeout_s=timeout_s)
+        cutout = await self._cpu(
+            "postprocess", lambda: compose(decoded, mask_to_alpha(mask, (width, height)), options)
+        )
+        encoded = await self._cpu("encode", lambda: encode(cutout, options.format))
+        header = pb.ResultHeader(
+            width=cutout.image.width,
+            height=cutout.image.height,
+            content_type=encoded.content_type,
+            size=len(encoded.data),
+            model=model,
+            input_width=width,
+            input_height=height,
+        )
+        if cutout.bbox is not None:
+            x, y, w, h = cutout.bbox
+            header.foreground.CopyFrom(pb.BoundingBox(x=x, y=y, width=w, height=h))
+        return Result(header=header, data=encoded.data)
+

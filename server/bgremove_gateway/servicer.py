@@ -1,0 +1,157 @@
+"""The bgremove.v1.BackgroundRemoval servicer: gRPC in, Pipeline, gRPC out. Nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+import grpc
+from grpc_status import rpc_status
+from opentelemetry import trace
+
+from bgremove.v1 import bgremove_pb2 as pb
+from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
+from bgremove_gateway import __version__
+from bgremove_gateway.decode import SUPPORTED_CONTENT_TYPES
+from bgremove_gateway.errors import ServiceError
+from bgremove_gateway.pipeline import Pipeline, Result
+
+log = logging.getLogger("bgremove.gateway")
+access_log = logging.getLogger("bgremove.access")
+
+OUTPUT_FORMATS = (
+    pb.OUTPUT_FORMAT_PNG,
+    pb.OUTPUT_FORMAT_WEBP,
+    pb.OUTPUT_FORMAT_MASK,
+    pb.OUTPUT_FORMAT_JPEG,
+)
+
+
+@dataclass
+class ServingState:
+    """What the gateway knows about its backend; flipped by the server's startup and supervision."""
+
+    ready: bool = False
+    models: list[str] = field(default_factory=list)
+
+
+async def abort(context: grpc.aio.ServicerContext, err: ServiceError) -> NoReturn:
+    status = rpc_status.to_status(err.to_rpc_status())
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("unreachable: abort raises")
+
+
+@dataclass
+class _Access:
+    """One access-log line per request; only sizes, status and timing: never content or names."""
+
+    method: str
+    context: grpc.aio.ServicerContext
+    started: float = field(default_factory=time.perf_counter)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    code: grpc.StatusCode = grpc.StatusCode.OK
+
+    def done(self) -> None:
+        span_ctx = trace.get_current_span().get_span_context()
+        access_log.info(
+            "method=%s status=%s peer=%s bytes_in=%d bytes_out=%d latency_ms=%.1f trace_id=%s",
+            self.method,
+            self.code.name,
+            self.context.peer(),
+            self.bytes_in,
+            self.bytes_out,
+            (time.perf_counter() - self.started) * 1000,
+            format(span_ctx.trace_id, "032x") if span_ctx.is_valid else "-",
+        )
+
+
+class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
+    def __init__(self, pipeline: Pipeline, state: ServingState) -> None:
+        self.pipeline = pipeline
+        self.state = state
+
+    def _require_ready(self) -> None:
+        if not self.state.ready:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the service is not ready: the model is loading")
+
+    async def StreamRemoveBackground(  # noqa: N802 (gRPC method name)
+        self, request_iterator: AsyncIterator[pb.UploadRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ResultChunk]:
+        access = _Access("StreamRemoveBackground", context)
+        try:
+            result = await self._guarded(access, context, request_iterator)
+            yield pb.ResultChunk(header=result.header)
+            step = self.pipeline.settings.limits.result_chunk_bytes
+            view = memoryview(result.data)
+            for offset in range(0, len(view), step):
+                piece = view[offset : offset + step]
+                access.bytes_out += len(piece)
+                yield pb.ResultChunk(chunk=piece.tobytes())
+        finally:
+            access.done()
+
+    async def RemoveBackground(  # noqa: N802
+        self, request: pb.RemoveBackgroundRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RemoveBackgroundResponse:
+        access = _Access("RemoveBackground", context)
+        try:
+            result = await self._guarded(access, context, request)
+            access.bytes_out = len(result.data)
+            return pb.RemoveBackgroundResponse(header=result.header, image=result.data)
+        finally:
+            access.done()
+
+    async def _guarded(
+        self,
+        access: _Access,
+        context: grpc.aio.ServicerContext,
+        source: AsyncIterator[pb.UploadRequest] | pb.RemoveBackgroundRequest,
+    ) -> Result:
+        """Runs the pipeline; every failure becomes a precise status, never a stack trace."""
+        try:
+            self._require_ready()
+            if isinstance(source, pb.RemoveBackgroundRequest):
+                upload = self.pipeline.receive_unary(source)
+            else:
+                upload = await self.pipeline.receive(source)
+            access.bytes_in = len(upload.data)
+            return await self.pipeline.run(upload, timeout_s=context.time_remaining())
+        except ServiceError as err:
+            access.code = err.code
+            await abort(context, err)
+        except asyncio.CancelledError:
+            # The caller cancelled or its deadline passed; gRPC already told it so.
+            access.code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            access.code = grpc.StatusCode.INTERNAL
+            log.exception("unexpected failure in %s", access.method)
+            await abort(context, ServiceError(grpc.StatusCode.INTERNAL, "internal error"))
+
+    async def GetServiceInfo(  # noqa: N802
+        self, request: pb.GetServiceInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetServiceInfoResponse:
+        settings = self.pipeline.settings
+        lim = settings.limits
+        ready = set(self.state.models) if self.state.ready else set()
+        served = sorted(set(self.pipeline.models) | ready)
+        return pb.GetServiceInfoResponse(
+            models=[pb.ModelInfo(name=m, input_size=320, ready=m in ready) for m in served],
+            default_model=settings.default_model,
+            limits=pb.Limits(
+                max_upload_bytes=lim.max_upload_bytes,
+                max_chunk_bytes=lim.max_chunk_bytes,
+                max_pixels=lim.max_pixels,
+                max_unary_bytes=lim.max_unary_bytes,
+                idle_timeout_ms=int(lim.idle_timeout_s * 1000),
+                result_chunk_bytes=lim.result_chunk_bytes,
+            ),
+            output_formats=OUTPUT_FORMATS,
+            input_content_types=SUPPORTED_CONTENT_TYPES,
+            version=__version__,
+        )
