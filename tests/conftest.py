@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service_harness import GatewayProcess, OtlpReceiver
+
+
+@pytest.fixture(scope="session")
+def otlp() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="session")
+def gateway(otlp: OtlpReceiver) -> Iterator[GatewayProcess]:
+    """One real gateway with its embedded Triton for the whole session, exporting traces to `otlp`."""
+    gw = GatewayProcess(
+        args=["--log-level", "DEBUG"],
+        env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+        },
+    )
+    gw.start()
+    try:
+        gw.wait_serving()
+        yield gw
+    finally:
+        gw.stop()
+
+
+@pytest.fixture(scope="session")
+def peer_fixtures() -> Path:
+    """rembg's own test photos and its expected U2-Net-P cut-out, from ../shared beside the repo."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "peer-fixtures" / "rembg"
+    if not path.is_dir():
+        pytest.fail(f"peer fixtures missing at {path}")
+    return path

@@ -1,0 +1,90 @@
+"""Small helpers shared by the end-to-end tests: raw-stub calls and the reference U2-Net pipeline."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+from PIL import Image
+
+from bgremove.v1 import bgremove_pb2 as pb
+from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
+
+
+def upload_messages(
+    data: bytes, content_type: str, options: pb.Options | None = None, chunk: int = 64 * 1024
+) -> Iterator[pb.UploadRequest]:
+    yield pb.UploadRequest(
+        header=pb.UploadHeader(
+            content_type=content_type,
+            total_size=len(data),
+            sha256=hashlib.sha256(data).digest(),
+            options=options or pb.Options(),
+        )
+    )
+    for i in range(0, len(data), chunk):
+        yield pb.UploadRequest(chunk=data[i : i + chunk])
+
+
+def stream_remove(
+    target: str, data: bytes, content_type: str = "image/jpeg", options: pb.Options | None = None, **kw: object
+) -> tuple[pb.ResultHeader, bytes, list[int]]:
+    """Returns the result header, the reassembled bytes and the size of every result chunk."""
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.BackgroundRemovalStub(channel)
+        header: pb.ResultHeader | None = None
+        parts: list[bytes] = []
+        for msg in stub.StreamRemoveBackground(upload_messages(data, content_type, options), timeout=120, **kw):
+            if msg.HasField("header"):
+                assert header is None, "two result headers"
+                header = msg.header
+            else:
+                assert header is not None, "chunk before the result header"
+                parts.append(msg.chunk)
+        assert header is not None
+        return header, b"".join(parts), [len(p) for p in parts]
+
+
+def jpeg_bytes(array: npt.NDArray[np.uint8], quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def u2netp_path() -> Path:
+    spec = importlib.util.find_spec("rembg")
+    assert spec is not None and spec.submodule_search_locations
+    return Path(next(iter(spec.submodule_search_locations))) / "u2netp.onnx"
+
+
+@cache
+def _session() -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(u2netp_path()), opts, providers=["CPUExecutionProvider"])
+
+
+def reference_mask(image: Image.Image) -> npt.NDArray[np.uint8]:
+    """The U-2-Net/rembg reference: original weights, batch 1, numpy pre- and post-processing."""
+    im = image.convert("RGB").resize((320, 320), Image.Resampling.LANCZOS)
+    x = np.asarray(im).astype(np.float32)
+    x = x / max(float(x.max()), 1e-6)
+    x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+    tensor = x.transpose(2, 0, 1)[np.newaxis].astype(np.float32)
+    pred = _session().run(None, {_session().get_inputs()[0].name: tensor})[0][:, 0]
+    pred = (pred - pred.min()) / max(float(pred.max() - pred.min()), 1e-6)
+    small = Image.fromarray((pred[0] * 255).astype(np.uint8), mode="L")
+    return np.asarray(small.resize(image.size, Image.Resampling.LANCZOS))
+
+
+def iou(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_]) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
