@@ -93,6 +93,12 @@ def _cmd_remove(ns: argparse.Namespace) -> int:
     return run(ns)
 
 
+def _cmd_bench(ns: argparse.Namespace) -> int:
+    from bgremove_gateway.bench import run
+
+    return run(ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bgremove", description="Background removal over gRPC, on NVIDIA Triton.")
     parser.add_argument("--version", action="version", version=f"bgremove {__version__}")
@@ -119,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("remove", help="remove the background from images through a running service")
     add_remove_arguments(p)
     p.set_defaults(func=_cmd_remove)
+
+    from bgremove_gateway.bench import add_arguments as add_bench_arguments
+
+    p = sub.add_parser("bench", help="measure a running service against Triton direct and the model alone")
+    add_bench_arguments(p)
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -1,0 +1,239 @@
+"""`bgremove bench`: drive a running service with real photos and compare it with its floor.
+
+In one run, on the same images and machine:
+- service: StreamRemoveBackground through the gateway (what users get);
+- triton: infer calls straight to Triton on preprocessed tensors (bypassing the gateway);
+- model: ONNX Runtime in-process on the same tensors (the floor for this machine).
+Ratios between them are what to compare across machines; absolute times are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import io
+import json
+import os
+import statistics
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from bgremove.v1 import bgremove_pb2 as pb
+from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
+from bgremove_gateway.config import DEFAULT_MODEL_REPOSITORY
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+_CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+FORMATS = {"png": pb.OUTPUT_FORMAT_PNG, "webp": pb.OUTPUT_FORMAT_WEBP, "mask": pb.OUTPUT_FORMAT_MASK, "jpeg": pb.OUTPUT_FORMAT_JPEG}
+
+
+@dataclass
+class RunStats:
+    name: str
+    concurrency: int
+    requests: int
+    wall_s: float
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+    statuses: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def throughput(self) -> float:
+        ok = self.statuses.get("OK", 0)
+        return ok / self.wall_s if self.wall_s > 0 else 0.0
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies_ms:
+            return float("nan")
+        return float(np.percentile(self.latencies_ms, q))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "wall_s": round(self.wall_s, 3),
+            "throughput_per_s": round(self.throughput, 3),
+            "p50_ms": round(self.percentile(50), 1),
+            "p95_ms": round(self.percentile(95), 1),
+            "p99_ms": round(self.percentile(99), 1),
+            "mean_ms": round(statistics.fmean(self.latencies_ms), 1) if self.latencies_ms else None,
+            "statuses": dict(self.statuses),
+        }
+
+
+@dataclass(frozen=True)
+class Photo:
+    data: bytes
+    content_type: str
+    tensor: npt.NDArray[np.uint8]
+
+
+def load_photos(paths: Sequence[Path]) -> list[Photo]:
+    from bgremove_gateway.config import Limits
+    from bgremove_gateway.decode import decode
+    from bgremove_gateway.preprocess import to_model_input
+
+    files: list[Path] = []
+    for p in paths:
+        files.extend(sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p])
+    photos = []
+    for f in files:
+        data = f.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            ctype = _CONTENT_TYPES.get(im.format or "", "application/octet-stream")
+        decoded = decode(data, ctype, Limits())
+        photos.append(Photo(data, ctype, to_model_input(decoded.image)))
+    if not photos:
+        raise SystemExit("bgremove bench: no images found (jpg, jpeg, png, webp)")
+    return photos
+
+
+async def _drive(
+    name: str, concurrency: int, requests: int, call: Callable[[int], Awaitable[str]]
+) -> RunStats:
+    stats = RunStats(name, concurrency, requests, 0.0)
+    next_index = iter(range(requests))
+
+    async def worker() -> None:
+        for i in next_index:
+            t0 = time.perf_counter()
+            status = await call(i)
+            stats.latencies_ms.append((time.perf_counter() - t0) * 1000)
+            stats.statuses[status] += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    stats.wall_s = time.perf_counter() - started
+    return stats
+
+
+async def bench_service(
+    target: str, photos: list[Photo], concurrency: int, requests: int, fmt: int, chunk: int = 256 * 1024
+) -> RunStats:
+    async with grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+        stub = pb_grpc.BackgroundRemovalStub(ch)
+
+        async def call(i: int) -> str:
+            photo = photos[i % len(photos)]
+            msgs = [
+                pb.UploadRequest(
+                    header=pb.UploadHeader(
+                        content_type=photo.content_type,
+                        total_size=len(photo.data),
+                        sha256=hashlib.sha256(photo.data).digest(),
+                        options=pb.Options(format=fmt),  # type: ignore[arg-type]
+                    )
+                )
+            ]
+            msgs += [pb.UploadRequest(chunk=photo.data[o : o + chunk]) for o in range(0, len(photo.data), chunk)]
+            try:
+                async for _ in stub.StreamRemoveBackground(iter(msgs), timeout=300):
+                    pass
+            except grpc.aio.AioRpcError as exc:
+                return str(exc.code().name)
+            return "OK"
+
+        await call(0)  # connection and first-call warm-up, not measured
+        return await _drive("service", concurrency, requests, call)
+
+
+async def bench_triton(url: str, model: str, photos: list[Photo], concurrency: int, requests: int) -> RunStats:
+    from bgremove_gateway.errors import ServiceError
+    from bgremove_gateway.infer import TritonInference
+
+    client = TritonInference(url, timeout_s=300)
+    try:
+
+        async def call(i: int) -> str:
+            try:
+                await client.infer(model, photos[i % len(photos)].tensor)
+            except ServiceError as exc:
+                return str(exc.code.name)
+            return "OK"
+
+        await call(0)
+        return await _drive("triton", concurrency, requests, call)
+    finally:
+        await client.close()
+
+
+def bench_model(repo: Path, model: str, photos: list[Photo], requests: int, threads: int) -> RunStats:
+    """ONNX Runtime in-process, batch 1, the same graph Triton serves: the floor on this machine."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(repo / model / "1" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    sess.run(None, {name: photos[0].tensor[np.newaxis]})
+    stats = RunStats("model", 1, requests, 0.0)
+    started = time.perf_counter()
+    for i in range(requests):
+        t0 = time.perf_counter()
+        sess.run(None, {name: photos[i % len(photos)].tensor[np.newaxis]})
+        stats.latencies_ms.append((time.perf_counter() - t0) * 1000)
+        stats.statuses["OK"] += 1
+    stats.wall_s = time.perf_counter() - started
+    return stats
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="127.0.0.1:50051", help="gateway address")
+    parser.add_argument("--images", type=Path, nargs="+", required=True, help="image files or folders")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--format", choices=sorted(FORMATS), default="png")
+    parser.add_argument("--triton-url", default=None, help="also measure Triton directly at HOST:PORT")
+    parser.add_argument("--model-alone", action="store_true", help="also measure ONNX Runtime in-process")
+    parser.add_argument("--model", default="u2netp")
+    parser.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
+    parser.add_argument("--model-threads", type=int, default=min(2, os.cpu_count() or 2))
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+async def run_all(ns: argparse.Namespace) -> dict[str, Any]:
+    photos = load_photos(ns.images)
+    runs: list[RunStats] = [
+        await bench_service(ns.target, photos, ns.concurrency, ns.requests, FORMATS[ns.format])
+    ]
+    if ns.triton_url:
+        runs.append(await bench_triton(ns.triton_url, ns.model, photos, ns.concurrency, ns.requests))
+    if ns.model_alone:
+        runs.append(
+            await asyncio.to_thread(bench_model, ns.model_repository, ns.model, photos, ns.requests, ns.model_threads)
+        )
+    by_name = {r.name: r for r in runs}
+    ratios: dict[str, float] = {}
+    svc = by_name["service"]
+    for other in ("model", "triton"):
+        if other in by_name and by_name[other].throughput > 0:
+            ratios[f"service_over_{other}_throughput"] = round(svc.throughput / by_name[other].throughput, 3)
+    if "triton" in by_name:
+        ratios["gateway_added_p50_ms"] = round(svc.percentile(50) - by_name["triton"].percentile(50), 1)
+    return {"images": len(photos), "format": ns.format, "runs": [r.summary() for r in runs], "ratios": ratios}
+
+
+def run(ns: argparse.Namespace) -> int:
+    report = asyncio.run(run_all(ns))
+    if ns.json:
+        print(json.dumps(report, indent=2))
+    else:
+        cols = ("name", "concurrency", "requests", "throughput_per_s", "p50_ms", "p95_ms", "p99_ms", "statuses")
+        print(" | ".join(cols))
+        for r in report["runs"]:
+            print(" | ".join(str(r[c]) for c in cols))
+        for k, v in report["ratios"].items():
+            print(f"{k}: {v}")
+    failed = sum(n for s, n in report["runs"][0]["statuses"].items() if s != "OK")
+    return 1 if failed else 0
+
