@@ -1,0 +1,50 @@
+"""The final picture to bytes in the requested format, with no metadata from the input.
+
+Nothing from the upload's EXIF/XMP/ICC reaches the output: decode() already dropped it, and the
+savers below are given no exif, icc_profile, xmp or pnginfo.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any, Final
+
+from bgremove.v1 import bgremove_pb2 as pb
+
+from bgremove_gateway.postprocess import Cutout
+
+# Speed settings measured on ~1 MP cut-outs here (2 cores), against ~165 ms for the model itself:
+#   PNG compress_level 1: 40 ms, 604 kB | 3: 46 ms, 591 kB | 6 (default): 86 ms, 533 kB | 9: 222 ms, 530 kB.
+#   Level 1 halves the encode time for 13% more bytes, a good trade on the links this serves.
+#   WebP lossless method 0/quality 0: 18 ms, 377 kB | defaults (method 4, quality 80): ~200 ms, 330 kB.
+_PNG_OPTIONS: Final[dict[str, Any]] = {"compress_level": 1}
+_WEBP_OPTIONS: Final[dict[str, Any]] = {"lossless": True, "method": 0, "quality": 0}
+_JPEG_OPTIONS: Final[dict[str, Any]] = {"quality": 90}
+
+# format -> (Pillow saver, image mode compose() produced for it, media type, saver options)
+_FORMATS: Final[dict[int, tuple[str, str, str, dict[str, Any]]]] = {
+    pb.OUTPUT_FORMAT_UNSPECIFIED: ("PNG", "RGBA", "image/png", _PNG_OPTIONS),
+    pb.OUTPUT_FORMAT_PNG: ("PNG", "RGBA", "image/png", _PNG_OPTIONS),
+    pb.OUTPUT_FORMAT_WEBP: ("WEBP", "RGBA", "image/webp", _WEBP_OPTIONS),
+    pb.OUTPUT_FORMAT_MASK: ("PNG", "L", "image/png", _PNG_OPTIONS),
+    pb.OUTPUT_FORMAT_JPEG: ("JPEG", "RGB", "image/jpeg", _JPEG_OPTIONS),
+}
+
+
+@dataclass(frozen=True)
+class Encoded:
+    data: bytes
+    content_type: str
+
+
+def encode(cutout: Cutout, fmt: pb.OutputFormat) -> Encoded:
+    """Encodes `cutout` (made by compose() for the same format); UNSPECIFIED means PNG."""
+    if fmt not in _FORMATS:
+        raise ValueError(f"unknown output format {fmt}")
+    saver, mode, content_type, options = _FORMATS[fmt]
+    if cutout.image.mode != mode:
+        raise ValueError(f"{pb.OutputFormat.Name(fmt)} needs a {mode} image, got {cutout.image.mode}")
+    out = io.BytesIO()
+    cutout.image.save(out, saver, **options)
+    return Encoded(data=out.getvalue(), content_type=content_type)

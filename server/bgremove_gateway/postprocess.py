@@ -1,0 +1,111 @@
+"""The model's mask to the final picture: alpha matte, cut-out, crop, downscale, colour background.
+
+Alpha is straight (not premultiplied), so wherever the matte is opaque the output keeps the
+input's exact colour; only semi-transparent edges are blended, and only for JPEG.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+from bgremove.v1 import bgremove_pb2 as pb
+from PIL import Image, ImageChops
+
+from bgremove_gateway.decode import DecodedImage
+
+Box = tuple[int, int, int, int]  # left, top, right, bottom (exclusive)
+
+# The subject is where alpha is at least half: the same threshold for bbox, crop and the header.
+FOREGROUND_THRESHOLD: Final = 128
+_FOREGROUND_LUT: Final = [0] * FOREGROUND_THRESHOLD + [255] * (256 - FOREGROUND_THRESHOLD)
+_VISIBLE_LUT: Final = [0] + [255] * 255
+_WHITE: Final = (255, 255, 255)
+# Same trade-off as the model input (see preprocess): indistinguishable from plain LANCZOS, and
+# 3-5x faster when a 20 MP cut-out is shrunk to a thumbnail.
+_REDUCING_GAP: Final = 3.0
+
+
+@dataclass(frozen=True)
+class Cutout:
+    image: Image.Image  # RGBA cut-out, "L" matte (MASK), or RGB on the background colour (JPEG)
+    bbox: tuple[int, int, int, int] | None  # foreground x, y, w, h in output pixels; None if empty
+    input_size: tuple[int, int]  # (w, h) after EXIF orientation
+
+
+def mask_to_alpha(mask: npt.NDArray[np.uint8], size: tuple[int, int]) -> Image.Image:
+    """The model's square uint8 mask as an "L" matte of `size` (w, h), resized with LANCZOS as
+    rembg does (no aspect kept: the model saw the image squashed to a square)."""
+    if mask.dtype != np.uint8 or mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
+        raise ValueError(f"expected a square uint8 mask, got {mask.dtype} of shape {mask.shape}")
+    return Image.fromarray(np.ascontiguousarray(mask)).resize(size, Image.Resampling.LANCZOS)
+
+
+def _foreground_box(alpha: Image.Image) -> Box | None:
+    return alpha.point(_FOREGROUND_LUT).getbbox()
+
+
+def _widen(box: Box, margin: int, size: tuple[int, int]) -> Box:
+    left, top, right, bottom = box
+    width, height = size
+    return (
+        max(0, left - margin),
+        max(0, top - margin),
+        min(width, right + margin),
+        min(height, bottom + margin),
+    )
+
+
+def _render(image: Image.Image, alpha: Image.Image, options: pb.Options) -> Image.Image:
+    if options.format == pb.OUTPUT_FORMAT_MASK:
+        return alpha
+    if options.format == pb.OUTPUT_FORMAT_JPEG:
+        color = options.bg_color
+        rgb = (color.r, color.g, color.b) if options.HasField("bg_color") else _WHITE
+        background = Image.new("RGB", image.size, rgb)
+        return Image.composite(image if image.mode == "RGB" else image.convert("RGB"), background, alpha)
+    # Fully transparent pixels become transparent black rather than keeping their colour: the
+    # removed background must not be recoverable from the file by dropping the alpha channel (and
+    # PNGs come out much smaller). Pixels with any opacity keep their exact colour.
+    cutout = Image.new("RGBA", image.size)
+    cutout.paste(image, mask=alpha.point(_VISIBLE_LUT))
+    cutout.putalpha(alpha)
+    return cutout
+
+
+def _scale_box(box: Box, old: tuple[int, int], new: tuple[int, int]) -> Box:
+    """Smallest integer box that contains the scaled one (integer maths: no float rounding)."""
+    (left, top, right, bottom), (ow, oh), (nw, nh) = box, old, new
+    return left * nw // ow, top * nh // oh, min(nw, -(-right * nw // ow)), min(nh, -(-bottom * nh // oh))
+
+
+def _fit(image: Image.Image, box: Box | None, max_side: int) -> tuple[Image.Image, Box | None]:
+    """Downscale (never up) so the longer side is at most max_side; 0 means no limit."""
+    width, height = image.size
+    longest = max(width, height)
+    if max_side == 0 or longest <= max_side:
+        return image, box
+    size = (max(1, round(width * max_side / longest)), max(1, round(height * max_side / longest)))
+    resized = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=_REDUCING_GAP)
+    return resized, None if box is None else _scale_box(box, image.size, size)
+
+
+def compose(decoded: DecodedImage, alpha: Image.Image, options: pb.Options) -> Cutout:
+    """Applies the matte (times any alpha the input had), then crop, then max_output_side."""
+    image = decoded.image
+    if alpha.mode != "L" or alpha.size != image.size:
+        raise ValueError(f"alpha must be an 'L' image of {image.size}, got {alpha.mode!r} {alpha.size}")
+    if image.mode == "RGBA":
+        # Already-transparent pixels stay transparent whatever the model says.
+        alpha = ImageChops.multiply(alpha, image.getchannel("A"))
+    box = _foreground_box(alpha)
+    if options.crop and box is not None:
+        region = _widen(box, options.crop_margin, image.size)
+        image, alpha = image.crop(region), alpha.crop(region)
+        left, top = region[0], region[1]
+        box = (box[0] - left, box[1] - top, box[2] - left, box[3] - top)
+    result, box = _fit(_render(image, alpha, options), box, options.max_output_side)
+    bbox = None if box is None else (box[0], box[1], box[2] - box[0], box[3] - box[1])
+    return Cutout(image=result, bbox=bbox, input_size=decoded.image.size)

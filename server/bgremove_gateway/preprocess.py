@@ -1,0 +1,28 @@
+"""Decoded image to the model's input: a square uint8 RGB array, as U2-Net's reference code makes it.
+
+Scaling to [0, 1] and the ImageNet normalisation happen inside the served model, per image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+MODEL_INPUT_SIZE = 320
+
+# Pillow first shrinks by an integer factor with a box filter until the image is within this factor
+# of the target, then applies LANCZOS. Measured here on 2-23 MP photos against plain LANCZOS:
+# 3-5x faster (23 MP: 185 ms -> 34 ms, more than the JPEG decode itself), mask IoU >= 0.99 and mean
+# absolute mask difference <= 0.001. Photos under 3x the input size resize exactly as before.
+# Decoding JPEGs at reduced size with Image.draft() instead saved at most 25 ms more, needs a
+# second decode for the full-size output, and lost accuracy on fine detail (IoU 0.966): not used.
+_REDUCING_GAP = 3.0
+
+
+def to_model_input(image: Image.Image, size: int = MODEL_INPUT_SIZE) -> npt.NDArray[np.uint8]:
+    """uint8 array of shape [size, size, 3], RGB, resized with LANCZOS (aspect not kept, as in
+    training). Alpha is dropped before resizing, as rembg does, so transparent pixels' colours count."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    resized = rgb.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=_REDUCING_GAP)
+    return np.asarray(resized, dtype=np.uint8)
