@@ -1,0 +1,543 @@
+"""The Python client against an in-process BackgroundRemoval server defined here, which records what
+arrives on the wire and answers with known bytes or statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import shutil
+import subprocess
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from bgremove import AsyncClient, BgRemoveError, Client, FieldViolation, RemovalResult, RemoveOptions, remove
+from bgremove.v1 import bgremove_pb2 as pb
+from bgremove.v1 import bgremove_pb2_grpc
+from bgremove_gateway.errors import ServiceError, invalid
+from grpc_status import rpc_status
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from PIL import Image
+from skimage import data as skdata
+
+
+def encoded(fmt: str, size: tuple[int, int] = (300, 200)) -> bytes:
+    image = Image.fromarray(skdata.astronaut()).resize(size)  # type: ignore[no-untyped-call]
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+JPEG = encoded("JPEG", (512, 512))
+
+
+@dataclass
+class Received:
+    messages: list[pb.UploadRequest]
+    metadata: dict[str, str]
+
+    @property
+    def header(self) -> pb.UploadHeader:
+        return self.messages[0].header
+
+    @property
+    def chunks(self) -> list[bytes]:
+        return [m.chunk for m in self.messages[1:]]
+
+
+Handler = Callable[[Received, grpc.aio.ServicerContext[Any, Any]], Awaitable[list[pb.ResultChunk]]]
+
+
+def answer(body: bytes, *, chunk: int = 1000, **header: Any) -> list[pb.ResultChunk]:
+    head = pb.ResultHeader(**{"size": len(body), **header})
+    return [pb.ResultChunk(header=head)] + [
+        pb.ResultChunk(chunk=body[i : i + chunk]) for i in range(0, len(body), chunk)
+    ]
+
+
+def known_result(upload: bytes) -> bytes:
+    """What the default handler answers: depends on the upload, so a mixed-up answer shows."""
+    return b"cutout:" * 500 + hashlib.sha256(upload).digest()
+
+
+async def default_handler(got: Received, context: grpc.aio.ServicerContext[Any, Any]) -> list[pb.ResultChunk]:
+    return answer(
+        known_result(b"".join(got.chunks)),
+        width=640,
+        height=480,
+        content_type="image/png",
+        foreground=pb.BoundingBox(x=10, y=20, width=30, height=40),
+        model="u2netp",
+        input_width=1280,
+        input_height=960,
+    )
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: ServiceError) -> None:
+    """Fails the call the way the gateway does: status, message and google.rpc details trailer."""
+    status = rpc_status.to_status(error.to_rpc_status())
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+class Recorder(bgremove_pb2_grpc.BackgroundRemovalServicer):
+    def __init__(self) -> None:
+        self.calls: list[Received] = []
+        self.handler: Handler = default_handler
+
+    async def StreamRemoveBackground(
+        self, request_iterator: AsyncIterator[pb.UploadRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.ResultChunk]:
+        got = Received([m async for m in request_iterator], dict(context.invocation_metadata() or ()))
+        self.calls.append(got)
+        for message in await self.handler(got, context):
+            yield message
+
+    async def GetServiceInfo(
+        self, request: pb.GetServiceInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetServiceInfoResponse:
+        self.calls.append(Received([], dict(context.invocation_metadata() or ())))
+        return pb.GetServiceInfoResponse(default_model="u2netp", version="test")
+
+
+@dataclass
+class FakeServer:
+    """A grpc.aio server on its own event loop thread, so sync clients and asyncio tests can both call it."""
+
+    credentials: grpc.ServerCredentials | None = None
+    servicer: Recorder = field(default_factory=Recorder)
+
+    def __post_init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        self.target = f"127.0.0.1:{self.port}"
+
+    async def _start(self) -> int:
+        self._server = grpc.aio.server()
+        bgremove_pb2_grpc.add_BackgroundRemovalServicer_to_server(self.servicer, self._server)  # type: ignore[no-untyped-call]
+        if self.credentials is None:
+            port = self._server.add_insecure_port("127.0.0.1:0")
+        else:
+            port = self._server.add_secure_port("127.0.0.1:0", self.credentials)
+        await self._server.start()
+        return int(port)
+
+    def reset(self, handler: Handler = default_handler) -> None:
+        self.servicer.calls.clear()
+        self.servicer.handler = handler
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._server.stop(None), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+@pytest.fixture(scope="module")
+def fake_server() -> Iterator[FakeServer]:
+    server = FakeServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def server(fake_server: FakeServer) -> FakeServer:
+    fake_server.reset()
+    return fake_server
+
+
+@pytest.fixture
+def spans() -> tuple[TracerProvider, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+def sync_remove(target: str, image: Any, options: RemoveOptions | None = None, **kw: Any) -> RemovalResult:
+    with Client(target, **kw) as client:
+        return client.remove(image, options)
+
+
+async def async_remove(
+    target: str, image: Any, options: RemoveOptions | None = None, **kw: Any
+) -> RemovalResult:
+    async with AsyncClient(target, **kw) as client:
+        return await client.remove(image, options)
+
+
+async def either(
+    kind: str, target: str, image: Any, options: RemoveOptions | None = None, **kw: Any
+) -> RemovalResult:
+    """The same call through the sync client (in a thread: it blocks) or the asyncio one."""
+    if kind == "sync":
+        return await asyncio.to_thread(sync_remove, target, image, options, **kw)
+    return await async_remove(target, image, options, **kw)
+
+
+KINDS = pytest.mark.parametrize("kind", ["sync", "async"])
+
+
+@KINDS
+async def test_upload_is_header_then_bounded_chunks_of_the_exact_image(kind: str, server: FakeServer) -> None:
+    options = RemoveOptions(
+        format="jpeg", bg_color="#00ff7f", crop=True, crop_margin=8, max_output_side=256, model="m"
+    )
+    await either(kind, server.target, JPEG, options, chunk_size=7001)
+
+    (got,) = server.servicer.calls
+    assert got.messages[0].WhichOneof("payload") == "header"
+    assert all(m.WhichOneof("payload") == "chunk" for m in got.messages[1:])
+    header = got.header
+    assert header.content_type == "image/jpeg"
+    assert header.total_size == len(JPEG)
+    assert header.sha256 == hashlib.sha256(JPEG).digest()
+    assert header.options == pb.Options(
+        format=pb.OUTPUT_FORMAT_JPEG,
+        bg_color=pb.Color(r=0, g=255, b=127),
+        crop=True,
+        crop_margin=8,
+        max_output_side=256,
+        model="m",
+    )
+    assert max(len(c) for c in got.chunks) == 7001
+    assert b"".join(got.chunks) == JPEG
+    assert len(got.chunks) == -(-len(JPEG) // 7001)
+
+
+@KINDS
+async def test_result_is_reassembled_with_its_header(kind: str, server: FakeServer) -> None:
+    result = await either(kind, server.target, JPEG)
+    assert result.data == known_result(JPEG)
+    assert (result.width, result.height, result.content_type) == (640, 480, "image/png")
+    assert result.foreground == (10, 20, 30, 40)
+    assert (result.model, result.input_width, result.input_height) == ("u2netp", 1280, 960)
+
+
+async def test_default_options_ask_for_a_png_cutout(server: FakeServer) -> None:
+    await either("async", server.target, JPEG)
+    assert server.servicer.calls[0].header.options == pb.Options(format=pb.OUTPUT_FORMAT_PNG)
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type"),
+    [
+        (encoded("PNG"), "image/png"),
+        (encoded("WEBP"), "image/webp"),
+        (JPEG, "image/jpeg"),
+        (b"GIF89a" + b"\0" * 64, "application/octet-stream"),
+        (b"", "application/octet-stream"),
+    ],
+)
+async def test_content_type_is_sniffed_from_magic_bytes(
+    data: bytes, content_type: str, server: FakeServer
+) -> None:
+    await either("async", server.target, data)
+    got = server.servicer.calls[0]
+    assert got.header.content_type == content_type
+    assert got.header.total_size == len(data) == len(b"".join(got.chunks))
+
+
+async def test_explicit_content_type_wins(server: FakeServer) -> None:
+    async with AsyncClient(server.target) as client:
+        await client.remove(JPEG, content_type="image/png")
+    assert server.servicer.calls[0].header.content_type == "image/png"
+
+
+@KINDS
+async def test_a_path_is_read_and_sent(kind: str, server: FakeServer, tmp_path: Path) -> None:
+    photo = tmp_path / "photo.webp"
+    photo.write_bytes(encoded("WEBP"))
+    for image in (photo, str(photo)):
+        result = await either(kind, server.target, image)
+        assert result.data == known_result(photo.read_bytes())
+    assert [c.header.content_type for c in server.servicer.calls] == ["image/webp", "image/webp"]
+
+
+@KINDS
+async def test_server_error_keeps_code_message_and_field_violations(kind: str, server: FakeServer) -> None:
+    async def refuse(got: Received, context: grpc.aio.ServicerContext[Any, Any]) -> list[pb.ResultChunk]:
+        await abort_with(
+            context, invalid("options.crop_margin", "crop_margin 99999 exceeds the limit of 4096")
+        )
+        return []
+
+    server.reset(refuse)
+    with pytest.raises(BgRemoveError) as caught:
+        await either(kind, server.target, JPEG)
+    error = caught.value
+    assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.message == "crop_margin 99999 exceeds the limit of 4096"
+    assert error.violations == (
+        FieldViolation("options.crop_margin", "crop_margin 99999 exceeds the limit of 4096"),
+    )
+    assert error.retry_after_s is None
+    assert str(error) == "INVALID_ARGUMENT: crop_margin 99999 exceeds the limit of 4096"
+
+
+async def test_retry_info_is_parsed(server: FakeServer) -> None:
+    async def busy(got: Received, context: grpc.aio.ServicerContext[Any, Any]) -> list[pb.ResultChunk]:
+        await abort_with(
+            context, ServiceError(grpc.StatusCode.UNAVAILABLE, "model not ready", retry_after_s=1.5)
+        )
+        return []
+
+    server.reset(busy)
+    with pytest.raises(BgRemoveError) as caught:
+        await either("async", server.target, JPEG)
+    assert caught.value.code is grpc.StatusCode.UNAVAILABLE
+    assert caught.value.retry_after_s == 1.5
+    assert caught.value.violations == ()
+
+
+async def test_plain_status_without_details(server: FakeServer) -> None:
+    async def plain(got: Received, context: grpc.aio.ServicerContext[Any, Any]) -> list[pb.ResultChunk]:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
+        return []
+
+    server.reset(plain)
+    with pytest.raises(BgRemoveError) as caught:
+        await either("sync", server.target, JPEG)
+    assert (caught.value.code, caught.value.message, caught.value.details) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "no",
+        (),
+    )
+
+
+def _malformed(messages: list[pb.ResultChunk]) -> Handler:
+    async def handler(got: Received, context: grpc.aio.ServicerContext[Any, Any]) -> list[pb.ResultChunk]:
+        return messages
+
+    return handler
+
+
+@KINDS
+@pytest.mark.parametrize(
+    ("messages", "code", "words"),
+    [
+        ([], grpc.StatusCode.INTERNAL, "without a result header"),
+        ([pb.ResultChunk(chunk=b"x")], grpc.StatusCode.INTERNAL, "before the header"),
+        ([*answer(b"abc"), pb.ResultChunk(header=pb.ResultHeader())], grpc.StatusCode.INTERNAL, "second"),
+        (answer(b"abc", size=10), grpc.StatusCode.DATA_LOSS, "3 bytes but its header announced 10"),
+        ([*answer(b"abc"), pb.ResultChunk(chunk=b"more")], grpc.StatusCode.DATA_LOSS, "more than the 3"),
+        ([pb.ResultChunk()], grpc.StatusCode.INTERNAL, "empty result message"),
+    ],
+)
+async def test_malformed_answer_is_an_error(
+    kind: str, messages: list[pb.ResultChunk], code: grpc.StatusCode, words: str, server: FakeServer
+) -> None:
+    server.reset(_malformed(messages))
+    with pytest.raises(BgRemoveError) as caught:
+        await either(kind, server.target, JPEG)
+    assert caught.value.code is code
+    assert words in caught.value.message
+
+
+@KINDS
+async def test_deadline(kind: str, server: FakeServer) -> None:
+    async def slow(got: Received, context: grpc.aio.ServicerContext[Any, Any]) -> list[pb.ResultChunk]:
+        await asyncio.sleep(5)
+        return []
+
+    server.reset(slow)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(BgRemoveError) as caught:
+        await either(kind, server.target, JPEG, timeout=0.3)
+    assert caught.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert loop.time() - started < 3
+
+
+@KINDS
+async def test_unreachable_server_is_unavailable(kind: str, unused_tcp_port: int) -> None:
+    with pytest.raises(BgRemoveError) as caught:
+        await either(kind, f"127.0.0.1:{unused_tcp_port}", JPEG, timeout=5)
+    assert caught.value.code is grpc.StatusCode.UNAVAILABLE
+
+
+@KINDS
+async def test_api_key_is_a_bearer_token(kind: str, server: FakeServer) -> None:
+    await either(kind, server.target, JPEG, api_key="s3cret")
+    await either(kind, server.target, JPEG)
+    with_key, without = server.servicer.calls
+    assert with_key.metadata["authorization"] == "Bearer s3cret"
+    assert "authorization" not in without.metadata
+
+
+@KINDS
+async def test_traceparent_carries_the_client_span(
+    kind: str, server: FakeServer, spans: tuple[TracerProvider, InMemorySpanExporter], tmp_path: Path
+) -> None:
+    provider, exporter = spans
+    photo = tmp_path / "holiday-secret-name.jpg"
+    photo.write_bytes(JPEG)
+    await either(kind, server.target, photo, tracer_provider=provider)
+
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "bgremove.v1.BackgroundRemoval/StreamRemoveBackground"
+    assert span.kind is SpanKind.CLIENT
+    attrs = dict(span.attributes or {})
+    assert attrs["rpc.system"] == "grpc"
+    assert attrs["rpc.service"] == "bgremove.v1.BackgroundRemoval"
+    assert attrs["rpc.method"] == "StreamRemoveBackground"
+    assert attrs["rpc.grpc.status_code"] == 0
+    assert attrs["bgremove.upload.size"] == len(JPEG)
+    assert attrs["bgremove.result.size"] == len(known_result(JPEG))
+    assert not any("holiday" in str(v) or "tmp" in str(v) for v in attrs.values())
+
+    version, trace_id, parent_id, flags = server.servicer.calls[0].metadata["traceparent"].split("-")
+    assert span.context is not None
+    assert int(trace_id, 16) == span.context.trace_id
+    assert int(parent_id, 16) == span.context.span_id
+    assert version == "00"
+    assert int(flags, 16) & 0x01, "sampled flag set"
+
+
+async def test_failed_call_span_has_the_status_code_but_not_the_message(
+    server: FakeServer, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    async def refuse(got: Received, context: grpc.aio.ServicerContext[Any, Any]) -> list[pb.ResultChunk]:
+        await abort_with(context, invalid("image", "image is not a JPEG, PNG or WebP"))
+        return []
+
+    server.reset(refuse)
+    provider, exporter = spans
+    with pytest.raises(BgRemoveError):
+        await either("async", server.target, JPEG, tracer_provider=provider)
+    (span,) = exporter.get_finished_spans()
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.status.description == "INVALID_ARGUMENT"
+    assert dict(span.attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+async def test_concurrent_calls_share_one_async_client(server: FakeServer) -> None:
+    images = [encoded("PNG", (50 + i, 40)) for i in range(8)]
+    async with AsyncClient(server.target, chunk_size=4096) as client:
+        results = await asyncio.gather(*(client.remove(img) for img in images))
+    assert [r.data for r in results] == [known_result(img) for img in images]
+
+
+async def test_service_info(server: FakeServer) -> None:
+    async with AsyncClient(server.target, api_key="k") as client:
+        info = await client.service_info()
+    with Client(server.target) as sync_client:
+        sync_info = await asyncio.to_thread(sync_client.service_info)
+    assert info.default_model == sync_info.default_model == "u2netp"
+    assert server.servicer.calls[0].metadata["authorization"] == "Bearer k"
+
+
+async def test_module_level_remove(server: FakeServer) -> None:
+    result = await asyncio.to_thread(remove, JPEG, RemoveOptions(format="mask"), target=server.target)
+    assert result.data == known_result(JPEG)
+    assert server.servicer.calls[0].header.options.format == pb.OUTPUT_FORMAT_MASK
+
+
+@pytest.mark.parametrize(
+    ("color", "rgb"),
+    [
+        ("#00ff00", (0, 255, 0)),
+        ("white", (255, 255, 255)),
+        ("#abc", (0xAA, 0xBB, 0xCC)),
+        ((1, 2, 3), (1, 2, 3)),
+    ],
+)
+def test_bg_color_forms(color: Any, rgb: tuple[int, int, int]) -> None:
+    proto = RemoveOptions(format="jpeg", bg_color=color).to_proto()
+    assert (proto.bg_color.r, proto.bg_color.g, proto.bg_color.b) == rgb
+    assert proto.HasField("bg_color")
+
+
+def test_no_bg_color_leaves_the_field_unset() -> None:
+    assert not RemoveOptions(format="jpeg").to_proto().HasField("bg_color")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"format": "gif"}, "format 'gif' is not one of png, webp, mask, jpeg"),
+        ({"format": "jpeg", "bg_color": "no-such-colour"}, "is not a colour"),
+        ({"format": "jpeg", "bg_color": "#ff000080"}, "translucent"),
+        ({"format": "jpeg", "bg_color": (0, 0, 256)}, "three integers 0..255"),
+        ({"format": "png", "bg_color": "white"}, "bg_color applies to format 'jpeg' only"),
+        ({"crop": True, "crop_margin": -1}, "crop_margin must be 0 or more"),
+        ({"crop_margin": 5}, "crop_margin needs crop=True"),
+        ({"max_output_side": -2}, "max_output_side must be 0"),
+    ],
+)
+def test_impossible_options_fail_locally(kwargs: dict[str, Any], words: str) -> None:
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        RemoveOptions(**kwargs)
+
+
+def test_chunk_size_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="chunk_size"):
+        Client(chunk_size=0)
+
+
+def test_save_writes_the_bytes_and_leaves_no_temporary(tmp_path: Path) -> None:
+    out = tmp_path / "cut.png"
+    out.write_bytes(b"old")
+    RemovalResult(b"new-result", "image/png", 1, 1, None, "u2netp", 1, 1).save(out)
+    assert out.read_bytes() == b"new-result"
+    assert [p.name for p in tmp_path.iterdir()] == ["cut.png"]
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+             "-keyout", "ca.key", "-out", "ca.pem", cwd=d)  # fmt: skip
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)  # fmt: skip
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-days", "1", "-extfile", "san.ext", "-out", f"{name}.pem", cwd=d)  # fmt: skip
+    return {p.name: p.read_bytes() for p in d.iterdir() if p.suffix in {".pem", ".key"}}
+
+
+@KINDS
+async def test_mutual_tls(kind: str, pki: dict[str, bytes]) -> None:
+    creds = grpc.ssl_server_credentials(
+        [(pki["server.key"], pki["server.pem"])], root_certificates=pki["ca.pem"], require_client_auth=True
+    )
+    server = FakeServer(credentials=creds)
+    try:
+        result = await either(
+            kind,
+            server.target,
+            JPEG,
+            root_certificates=pki["ca.pem"],
+            certificate_chain=pki["client.pem"],
+            private_key=pki["client.key"],
+        )
+        assert result.data == known_result(JPEG)
+        # Without a client certificate the handshake fails before any request is read.
+        with pytest.raises(BgRemoveError) as caught:
+            await either(kind, server.target, JPEG, root_certificates=pki["ca.pem"], timeout=5)
+        assert caught.value.code is grpc.StatusCode.UNAVAILABLE
+        assert len(server.servicer.calls) == 1
+    finally:
+        server.close()
+
+
+def test_half_a_client_certificate_is_refused() -> None:
+    with pytest.raises(ValueError, match="both certificate_chain and private_key"):
+        Client(certificate_chain=b"x")
