@@ -1,0 +1,47 @@
+# syntax=docker/dockerfile:1
+# The gateway image. From the repository root:
+#   docker build -t bgremove-gateway:0.1.0 .
+#
+# Two stages. "build" installs the package and its exactly pinned dependencies into a virtualenv,
+# from binary wheels only (--only-binary), so no compiler is needed anywhere; "runtime" copies that
+# virtualenv onto the same slim base. pip, the build backend, the source tree and any cache stay
+# behind. The generated gRPC stubs (clients/python/bgremove/v1) are committed and ship inside the
+# bgremove wheel; the build stage imports them to prove it.
+#
+# Kubernetes runs this image with a read-only root filesystem: the gateway writes nothing to disk.
+
+# Python 3.11 on Debian 12, pinned by tag and by the digest of its multi-platform index. Bump both
+# together (docker buildx imagetools inspect python:<tag>).
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PATH=/opt/venv/bin:$PATH
+RUN python -m venv /opt/venv \
+ && pip install "pip==25.3"
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY server/ server/
+COPY clients/python/ clients/python/
+# Our own wheel is pure Python; everything it depends on must come as a wheel. pip compiles the
+# bytecode at install time, so the read-only runtime never needs to write __pycache__.
+RUN pip wheel --no-deps --wheel-dir /tmp/wheels . \
+ && pip install --only-binary=:all: /tmp/wheels/bgremove-*.whl \
+ && python -c "from bgremove.v1 import bgremove_pb2, bgremove_pb2_grpc; import bgremove_gateway" \
+ && pip uninstall --yes pip
+
+FROM ${PYTHON_IMAGE} AS runtime
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+# A numeric, non-root user, so Kubernetes can verify runAsNonRoot without reading /etc/passwd.
+RUN groupadd --system --gid 65532 bgremove \
+ && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin bgremove
+COPY --from=build /opt/venv /opt/venv
+USER 65532:65532
+EXPOSE 50051
+ENTRYPOINT ["bgremove"]
+# The chart (or `docker run IMAGE serve ...`) passes the real arguments: --listen, --triton-url, TLS.
+CMD ["--help"]
