@@ -4,8 +4,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
+from bgremove_gateway.config import DEFAULT_MODEL_REPOSITORY
+from bgremove_gateway.model_repo import prepare_models
 from service_harness import GatewayProcess, OtlpReceiver
+
+
+@pytest.fixture(scope="session")
+def prepared_repo() -> Path:
+    """The checkout's model_repository with its graphs built, as `make models` leaves it."""
+    prepare_models(DEFAULT_MODEL_REPOSITORY)
+    return DEFAULT_MODEL_REPOSITORY
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,375 @@
+"""Runs the real `tritonserver` binary from the nvidia-pytriton wheel as a child process.
+
+Only the Python backend ships in that wheel, so the embedded server runs the models' CPU configs
+(Python backend + ONNX Runtime). Everything binds 127.0.0.1. Triton's output goes to an in-memory
+ring buffer and the `bgremove.triton` logger, never to a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ctypes
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from bgremove_gateway.config import TritonSettings
+from bgremove_gateway.model_repo import available_models
+
+log = logging.getLogger("bgremove.triton")
+
+HOST = "127.0.0.1"
+TRACE_SERVICE_NAME = "bgremove-triton"
+_LOG_LINES = 1000
+_POLL_S = 0.25
+_PR_SET_PDEATHSIG = 1
+# A proxy from the environment must never see loopback health probes.
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class TritonStartError(RuntimeError):
+    """Triton could not be started; the first line of the message says why."""
+
+
+@dataclass(frozen=True)
+class TritonInstallation:
+    """The pieces of the nvidia-pytriton wheel needed to run tritonserver directly."""
+
+    server: Path
+    python_backend: Path
+    stub: Path
+    libs: Path
+
+    @classmethod
+    def locate(cls) -> TritonInstallation:
+        # find_spec does not import pytriton (whose import pulls in much more than we need).
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
+            raise TritonStartError(
+                "package nvidia-pytriton==0.7.0 (which ships tritonserver) is not installed"
+            )
+        package = Path(next(iter(spec.submodule_search_locations)))
+        root = package / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        found = cls(
+            server=root / "bin" / "tritonserver",
+            python_backend=root / "backends" / "python",
+            stub=root / "python_backend_stubs" / version / "triton_python_backend_stub",
+            libs=package.parent / "nvidia_pytriton.libs",
+        )
+        for path in (found.server, found.python_backend, found.libs):
+            if not path.exists():
+                raise TritonStartError(f"nvidia-pytriton install is incomplete: {path} is missing")
+        if not found.stub.exists():
+            raise TritonStartError(
+                f"nvidia-pytriton has no Python backend stub for Python {version} ({found.stub})"
+            )
+        return found
+
+    def make_backend_dir(self) -> Path:
+        """A private backend directory: Triton wants the stub matching this Python beside
+        libtriton_python.so, and the wheel keeps the stubs for every Python elsewhere."""
+        root = Path(tempfile.mkdtemp(prefix="bgremove-triton-"))
+        target = root / "backends" / "python"
+        target.mkdir(parents=True)
+        for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+            shutil.copy2(self.python_backend / name, target / name)
+        shutil.copy2(self.stub, target / "triton_python_backend_stub")
+        return root
+
+
+def port_in_use(port: int, host: str = HOST) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # Like the servers Triton runs, ignore TIME_WAIT leftovers from a previous run.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with _HTTP.open(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+async def wait_until_ready(http_url: str, models: list[str]) -> list[str]:
+    """One readiness probe over HTTP (Triton has no gRPC health service); returns what is not
+    READY yet: "server" and/or model names. Blocking urllib runs off the event loop."""
+    base = f"http://{http_url}/v2"
+    urls = {"server": f"{base}/health/ready"} | {m: f"{base}/models/{m}/ready" for m in models}
+    results = await asyncio.gather(*(asyncio.to_thread(_http_ok, u) for u in urls.values()))
+    return [name for name, ok in zip(urls, results, strict=True) if not ok]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM Triton if the gateway dies without stopping it, so a
+    crashed gateway never leaves a Triton holding the ports."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _child_pids(pid: int) -> list[int]:
+    """Direct children of `pid` (the Python backend stubs), from /proc."""
+    children: list[int] = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                stat = Path(entry.path, "stat").read_text()
+                # Field 4 (ppid) follows the parenthesised command name, which may contain spaces.
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    children.append(int(entry.name))
+    return children
+
+
+class EmbeddedTriton:
+    """tritonserver on loopback, serving every prepared model in the repository."""
+
+    def __init__(
+        self, settings: TritonSettings, otlp_traces_url: str | None = None, *, exit_timeout_s: int = 25
+    ) -> None:
+        self.settings = settings
+        self.otlp_traces_url = otlp_traces_url
+        self.exit_timeout_s = exit_timeout_s
+        self.models: list[str] = []
+        self._process: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._backend_root: Path | None = None
+        self._log: collections.deque[str] = collections.deque(maxlen=_LOG_LINES)
+
+    @property
+    def grpc_url(self) -> str:
+        """host:port, as tritonclient.grpc takes it."""
+        return f"{HOST}:{self.settings.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """host:port, as tritonclient.http takes it."""
+        return f"{HOST}:{self.settings.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{HOST}:{self.settings.metrics_port}/metrics"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(list(self._log)[-lines:])
+
+    def command(self, backend_dir: Path, server: Path) -> list[str]:
+        s = self.settings
+        argv = [
+            str(server),
+            f"--model-repository={s.model_repository}",
+            "--model-control-mode=explicit",
+            *(f"--load-model={m}" for m in self.models),
+            f"--model-config-name={s.model_config_name}",
+            f"--backend-directory={backend_dir}",
+            f"--http-address={HOST}",
+            f"--http-port={s.http_port}",
+            f"--grpc-address={HOST}",
+            f"--grpc-port={s.grpc_port}",
+            f"--metrics-address={HOST}",
+            f"--metrics-port={s.metrics_port}",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+            "--log-verbose=0",
+        ]
+        if self.otlp_traces_url:
+            argv += [
+                "--trace-config=mode=opentelemetry",
+                # rate=0: trace exactly the requests that carry a W3C traceparent (the gateway's),
+                # joined to the caller's trace; count=-1: never stop; TIMESTAMPS turns tracing on.
+                "--trace-config=rate=0",
+                "--trace-config=count=-1",
+                "--trace-config=level=TIMESTAMPS",
+                f"--trace-config=opentelemetry,url={self.otlp_traces_url}",
+                f"--trace-config=opentelemetry,resource=service.name={TRACE_SERVICE_NAME}",
+            ]
+        return argv
+
+    def _environment(self, install: TritonInstallation) -> dict[str, str]:
+        env = dict(os.environ)
+        # The stub embeds libpython and finds its prefix through `python3` on PATH: the venv's,
+        # so the models import this environment's numpy and onnxruntime. PYTHONPATH makes that
+        # hold even where the prefix lookup lands elsewhere.
+        venv_bin = str(Path(sys.executable).parent)
+        env["PATH"] = os.pathsep.join(p for p in (venv_bin, env.get("PATH", "")) if p)
+        site = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in dict.fromkeys([*site, env.get("PYTHONPATH", "")]) if p)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(install.libs), env.get("LD_LIBRARY_PATH", "")) if p
+        )
+        # The gateway's own service name must not relabel Triton's spans.
+        env.pop("OTEL_SERVICE_NAME", None)
+        return env
+
+    def _preflight(self) -> None:
+        s = self.settings
+        repo = s.model_repository
+        hint = "run `make models` (or `bgremove prepare-models`)"
+        if not repo.is_dir():
+            raise TritonStartError(f"model repository {repo} does not exist; {hint}")
+        models = available_models(repo)
+        if not models:
+            raise TritonStartError(
+                f"model repository {repo} has no prepared model (no <model>/1/model.onnx); {hint}"
+            )
+        for m in models:
+            config = repo / m / "configs" / f"{s.model_config_name}.pbtxt"
+            if not config.is_file() and not (repo / m / "config.pbtxt").is_file():
+                raise TritonStartError(f"model {m} has no config {config}")
+        ports = {"gRPC": s.grpc_port, "HTTP": s.http_port, "metrics": s.metrics_port}
+        if len(set(ports.values())) != len(ports):
+            raise TritonStartError(f"Triton ports must differ, got {ports}")
+        for label, port in ports.items():
+            if port_in_use(port):
+                raise TritonStartError(
+                    f"Triton {label} port {HOST}:{port} is already in use; "
+                    f"stop what listens there or choose another port"
+                )
+        self.models = models
+
+    async def start(self) -> None:
+        """Launches Triton and returns once the server and every loaded model are READY."""
+        if self.running:
+            raise TritonStartError(f"Triton is already running (pid {self.pid})")
+        self._preflight()
+        install = TritonInstallation.locate()
+        self._backend_root = install.make_backend_dir()
+        self._log.clear()
+        argv = self.command(self._backend_root / "backends", install.server)
+        log.info("starting Triton: %s", " ".join(argv))
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self._environment(install),
+                # Own process group: a Ctrl-C on the terminal reaches the gateway, which drains
+                # first and then stops Triton, instead of both stopping at once.
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+                limit=1 << 20,
+            )
+        except OSError as exc:
+            self._remove_backend_dir()
+            raise TritonStartError(f"cannot execute {install.server}: {exc}") from None
+        self._reader = asyncio.create_task(self._read_output(self._process))
+        try:
+            await self._wait_ready()
+        except BaseException:
+            await self.stop(timeout_s=5)
+            raise
+
+    async def _read_output(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        while True:
+            try:
+                raw = await process.stdout.readline()
+            except ValueError:  # a line over the limit: asyncio dropped it; keep reading
+                self._log.append("[line too long, dropped]")
+                continue
+            if not raw:
+                return
+            line = raw.decode("utf-8", "replace").rstrip()
+            self._log.append(line)
+            log.debug("%s", line)
+
+    async def _wait_ready(self) -> None:
+        assert self._process is not None
+        process = self._process
+        deadline = time.monotonic() + self.settings.startup_timeout_s
+        pending = ["server", *self.models]
+        while time.monotonic() < deadline:
+            if process.returncode is None:
+                pending = await wait_until_ready(self.http_url, self.models)
+                if not pending:
+                    return
+            # Sleeps between probes, but wakes at once if Triton exits.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(process.wait()), _POLL_S)
+            if process.returncode is not None:
+                await self._drain_reader()
+                code = process.returncode
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                raise TritonStartError(f"Triton {how} during startup; its last log lines:\n{self.log_tail()}")
+        raise TritonStartError(
+            f"Triton was not ready within {self.settings.startup_timeout_s:g}s "
+            f"(not ready: {', '.join(pending)}); its last log lines:\n{self.log_tail()}"
+        )
+
+    async def _drain_reader(self, timeout_s: float = 2.0) -> None:
+        if self._reader is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._reader), timeout_s)
+        except asyncio.TimeoutError:
+            # The stubs inherit the pipe; if one lingers, stop reading rather than wait on it.
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        self._reader = None
+
+    async def stop(self, timeout_s: float = 30) -> None:
+        """SIGTERM (Triton finishes in-flight requests for up to exit_timeout_s), then SIGKILL of
+        Triton and its stubs after `timeout_s`. Safe to call more than once."""
+        process = self._process
+        if process is not None:
+            stubs = _child_pids(process.pid)
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(process.wait(), timeout_s)
+                except asyncio.TimeoutError:
+                    log.warning("Triton did not exit %gs after SIGTERM; killing it", timeout_s)
+            # The process group is Triton's own session (start_new_session), so this reaches
+            # only Triton and the stubs it started.
+            if process.returncode is None or any(_alive(p) for p in stubs):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                await process.wait()
+            await self._drain_reader()
+            log.info("Triton stopped (exit code %s)", process.returncode)
+        self._remove_backend_dir()
+
+    def _remove_backend_dir(self) -> None:
+        if self._backend_root is not None:
+            shutil.rmtree(self._backend_root, ignore_errors=True)
+            self._backend_root = None
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs; an exited child waiting to be reaped (zombie) counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
