@@ -30,7 +30,7 @@ PHOTOS = {
     "chelsea": skdata.chelsea,
     "coffee": skdata.coffee,
     "rocket": skdata.rocket,
-    "motorcycle": skdata.motorcycle_left,
+    "motorcycle": lambda: skdata.stereo_motorcycle()[0],
 }
 
 
