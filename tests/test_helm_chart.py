@@ -8,9 +8,9 @@ security, network isolation, and that the gateway is started with flags and vari
 
 from __future__ import annotations
 
-import argparse
 import base64
 import copy
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +19,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from bgremove_gateway.config import add_serve_arguments
+from bgremove_gateway.cli import build_parser
 from helm_python import Chart, HelmRenderError, HelmValuesError, lint
 from kubernetes_validate.utils import latest_version
 
@@ -91,6 +91,13 @@ SCENARIOS: dict[str, Obj] = {
             "networkPolicy": {"allowedFrom": [{"ipBlock": {"cidr": "203.0.113.0/24"}}]},
         },
         "otel": {"endpoint": "http://otel-collector.observability.svc:4318/"},
+    },
+    "gpu-tensorrt-cache": {
+        "triton": {
+            "modelConfigName": "gpu-tensorrt",
+            "extraVolumes": [{"name": "trt-cache", "persistentVolumeClaim": {"claimName": "trt-cache"}}],
+            "extraVolumeMounts": [{"name": "trt-cache", "mountPath": "/tmp/trt-cache"}],
+        }
     },
     "hard-anti-affinity": {"gateway": {"podAntiAffinity": "hard"}, "triton": {"podAntiAffinity": "hard"}},
 }
@@ -463,6 +470,17 @@ def test_gpu_profile_requests_a_gpu_and_tolerates_gpu_nodes(chart: Chart) -> Non
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
 
 
+def test_tensorrt_config_can_keep_its_engine_cache(chart: Chart) -> None:
+    objects, _ = render(chart, copy.deepcopy(SCENARIOS["gpu-tensorrt-cache"]))
+    deployment = one(objects, "Deployment", "triton")
+    triton = container(deployment, "triton")
+    assert flag_value(triton["args"], "--model-config-name") == "gpu-tensorrt"
+    assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
+    mount = next(m for m in triton["volumeMounts"] if m["mountPath"] == "/tmp/trt-cache")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes[mount["name"]]["persistentVolumeClaim"] == {"claimName": "trt-cache"}
+
+
 def test_cpu_profile_runs_without_gpus_in_its_own_image(chart: Chart) -> None:
     objects, _ = render(chart, copy.deepcopy(SCENARIOS["cpu-profile"]))
     pod = one(objects, "Deployment", "triton")["spec"]["template"]["spec"]
@@ -586,22 +604,46 @@ def test_api_keys_from_a_created_secret(chart: Chart) -> None:
 # --- The gateway reads what the chart passes ------------------------------------------------------
 
 
-def test_gateway_flags_and_environment_are_the_ones_it_reads(scenario: tuple[str, list[Obj], str]) -> None:
+def _parse_gateway_command(gw: Obj, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[str]]:
+    """The real `bgremove` command line, reading the environment as it does in the pod."""
+    assert gw["command"] == ["bgremove"] and gw["args"][0] == "serve"
+    for name in [n for n in os.environ if n.startswith("BGREMOVE_")]:
+        monkeypatch.delenv(name)
+    for e in gw["env"]:
+        if e["name"].startswith("BGREMOVE_"):
+            monkeypatch.setenv(e["name"], e["value"])
+    return build_parser().parse_known_args(gw["args"])
+
+
+def test_gateway_flags_are_ones_it_reads(
+    scenario: tuple[str, list[Obj], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     _, objects, _ = scenario
     gw = container(one(objects, "Deployment", "gateway"), "gateway")
-    assert gw["command"] == ["bgremove"] and gw["args"][0] == "serve"
-    env = {e["name"]: e["value"] for e in gw["env"] if "value" in e}
-    parser = argparse.ArgumentParser()
-    add_serve_arguments(parser, env={k: v for k, v in env.items() if k.startswith("BGREMOVE_")})
-    ns, unknown = parser.parse_known_args(gw["args"][1:])
+    ns, unknown = _parse_gateway_command(gw, monkeypatch)
     assert {a.split("=", 1)[0] for a in unknown if a.startswith("--")} <= PLANNED_GATEWAY_FLAGS
-    # Every BGREMOVE_* variable changes a default, so a renamed variable cannot go unnoticed.
-    assert ns.max_upload_bytes == int(env["BGREMOVE_MAX_UPLOAD_BYTES"]) == 50 * 1024 * 1024
-    assert ns.max_pixels == int(env["BGREMOVE_MAX_PIXELS"])
-    assert ns.cpu_workers == int(env["BGREMOVE_CPU_WORKERS"])
-    assert ns.log_level == env["BGREMOVE_LOG_LEVEL"]
-    assert ns.drain_seconds == 25
-    assert ns.triton_urls and ns.listen.endswith(":50051")
+    assert ns.triton_urls == [flag_value(gw["args"], "--triton-url")]
+    assert ns.listen == flag_value(gw["args"], "--listen")
+    assert ns.drain_seconds == float(flag_value(gw["args"], "--drain-seconds"))
+
+
+def test_gateway_environment_is_what_it_reads(chart: Chart, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Values away from the gateway's own defaults, so a renamed variable cannot pass unnoticed.
+    values = {
+        "gateway": {
+            "logLevel": "DEBUG",
+            "cpuWorkers": 3,
+            "drainSeconds": 20,
+            "limits": {"maxUploadBytes": 10_000_000, "maxPixels": 1_000_000},
+        }
+    }
+    objects, _ = render(chart, values)
+    ns, _ = _parse_gateway_command(container(one(objects, "Deployment", "gateway"), "gateway"), monkeypatch)
+    assert ns.max_upload_bytes == 10_000_000
+    assert ns.max_pixels == 1_000_000
+    assert ns.cpu_workers == 3
+    assert ns.log_level == "DEBUG"
+    assert ns.drain_seconds == 20
 
 
 def test_opentelemetry_reaches_gateway_and_triton(chart: Chart) -> None:
@@ -710,6 +752,15 @@ def _final_stage(stages: list[dict[str, list[str]]]) -> dict[str, list[str]]:
     return stages[-1]
 
 
+def _stage(stages: list[dict[str, list[str]]], alias: str) -> dict[str, list[str]]:
+    return next(st for st in stages if st["FROM"][0].endswith(f" AS {alias}"))
+
+
+def _non_root(user: str) -> bool:
+    # Numeric, so the kubelet can verify runAsNonRoot without reading the image's /etc/passwd.
+    return re.fullmatch(r"[1-9]\d*:[1-9]\d*", user) is not None
+
+
 def test_dockerfile_is_multi_stage_pinned_and_non_root() -> None:
     stages = _dockerfile_stages()
     assert len(stages) >= 2, "multi-stage"
@@ -721,8 +772,8 @@ def test_dockerfile_is_multi_stage_pinned_and_non_root() -> None:
             assert re.fullmatch(r"[\w./-]+:\d+\.\d+\.\d+[\w.-]*@sha256:[0-9a-f]{64}", image), image
         names.add(alias.strip())
     final = _final_stage(stages)
-    assert final["USER"][-1] not in {"root", "0", "0:0"}
-    assert re.fullmatch(r"[1-9]\d*:[1-9]\d*", final["USER"][-1]), "numeric, so runAsNonRoot can check it"
+    assert final["FROM"][0].endswith(" AS runtime"), "the gateway is the default target"
+    assert _non_root(final["USER"][-1])
     # Only the virtualenv comes across; no package manager or compiler runs in the final stage.
     assert final["COPY"] == ["--from=build /opt/venv /opt/venv"]
     for command in final.get("RUN", []):
@@ -732,6 +783,22 @@ def test_dockerfile_is_multi_stage_pinned_and_non_root() -> None:
     build = stages[0]
     assert any("from bgremove.v1 import bgremove_pb2, bgremove_pb2_grpc" in r for r in build["RUN"])
     assert any("--only-binary=:all:" in r for r in build["RUN"]), "wheels only: no compiler needed"
+
+
+def test_model_repository_image_holds_what_the_init_container_copies(chart: Chart) -> None:
+    stages = _dockerfile_stages()
+    # The graph is generated inside the build, from the verified weights, as `make models` does.
+    assert any(
+        "bgremove prepare-models --model-repository /src/model_repository" in r
+        for r in _stage(stages, "models")["RUN"]
+    )
+    image = _stage(stages, "model-repository")
+    assert image["COPY"] == ["--from=models /src/model_repository /model_repository"]
+    assert _non_root(image["USER"][-1])
+    objects, _ = render(chart, {})
+    init = container(one(objects, "Deployment", "triton"), "model-repository")
+    assert init["command"][:3] == ["cp", "-R", "/model_repository/."]
+    assert init["image"].startswith("bgremove-model-repository:")
 
 
 def test_dockerignore_keeps_the_context_to_what_images_need() -> None:
