@@ -126,6 +126,12 @@ async def _receive_chunks(
             raise too_large(
                 "chunk", f"chunk of {size} bytes is over the limit of {limits.max_chunk_bytes} bytes"
             )
+        if received + size > limits.max_upload_bytes:
+            raise too_large(
+                "chunk",
+                f"upload is over the limit of {limits.max_upload_bytes} bytes "
+                f"({received + size} bytes so far)",
+            )
         if received + size > total:
             raise invalid(
                 "header.total_size",
