@@ -3,7 +3,7 @@
 # profile's model.py imports (the Python backend runs ONNX Runtime on the CPU). NVIDIA's image has
 # the onnxruntime *backend* for the gpu profile, but not the onnxruntime Python package.
 #   docker build -f helm/bgremove/images/triton-cpu.Dockerfile -t <registry>/bgremove-triton-cpu:24.10 helm/bgremove/images
-# then: --set triton.profile=cpu --set triton.cpuImage.repository=<registry>/bgremove-triton-cpu --set triton.cpuImage.tag=24.10
+# then: --set triton.profile=cpu --set triton.cpuImage.repository=<registry>/bgremove-triton-cpu --set-string triton.cpuImage.tag=24.10
 FROM nvcr.io/nvidia/tritonserver:24.10-py3
 # The 24.10 container's Python is 3.10 (Ubuntu 22.04): onnxruntime 1.23.2 is the newest release
 # with cp310 wheels; numpy stays on the project's pin.
