@@ -4,6 +4,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from bgremove_gateway.config import DEFAULT_MODEL_REPOSITORY
 from bgremove_gateway.model_repo import prepare_models
 from service_harness import GatewayProcess, OtlpReceiver

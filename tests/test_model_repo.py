@@ -14,6 +14,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import skimage.data
+from google.protobuf import text_format
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+from tritonclient.grpc import model_config_pb2
+
 from bgremove_gateway import model_repo
 from bgremove_gateway.model_repo import (
     INPUT_NAME,
@@ -29,10 +34,6 @@ from bgremove_gateway.model_repo import (
     prepare_model,
     prepare_models,
 )
-from google.protobuf import text_format
-from onnx import TensorProto, helper, numpy_helper
-from PIL import Image
-from tritonclient.grpc import model_config_pb2
 
 REPO = Path(__file__).resolve().parents[1] / "model_repository"
 SIZE = MODEL_INPUT_SIZE
@@ -50,7 +51,7 @@ def _session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
 
 def model_input(image: Image.Image) -> Image8:
     """What the gateway sends: RGB resized to 320x320 with Pillow's LANCZOS."""
-    return np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.Resampling.LANCZOS))
+    return np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.Resampling.LANCZOS), dtype=np.uint8)
 
 
 def reference_mask(session: ort.InferenceSession, pixels: Image8) -> Image8:
@@ -58,7 +59,7 @@ def reference_mask(session: ort.InferenceSession, pixels: Image8) -> Image8:
     x = pixels / np.max(pixels)
     x = (x - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
     batch = x.transpose(2, 0, 1)[np.newaxis].astype(np.float32)
-    d0 = session.run(None, {session.get_inputs()[0].name: batch})[0][:, 0]
+    d0: npt.NDArray[np.float32] = session.run(None, {session.get_inputs()[0].name: batch})[0][:, 0]
     d0 = (d0 - d0.min()) / (d0.max() - d0.min())
     return (np.squeeze(d0) * 255).astype(np.uint8)  # rembg truncates; the graph rounds
 
@@ -66,8 +67,12 @@ def reference_mask(session: ort.InferenceSession, pixels: Image8) -> Image8:
 def photos(peer_fixtures: Path) -> dict[str, Image8]:
     images = {p.name: model_input(Image.open(p)) for p in sorted(peer_fixtures.glob("*.jpg"))}
     for name in ("astronaut", "coffee", "chelsea"):
-        images[name] = model_input(Image.fromarray(getattr(skimage.data, name)()))
+        images[name] = skimage_photo(name)
     return images
+
+
+def skimage_photo(name: str) -> Image8:
+    return model_input(Image.fromarray(getattr(skimage.data, name)()))
 
 
 @pytest.fixture(scope="module")
@@ -165,9 +170,9 @@ def test_folded_graph_matches_reference_pipeline(served: ort.InferenceSession, p
 
 
 def test_batch_outputs_equal_single_image_outputs(served: ort.InferenceSession) -> None:
-    bright = model_input(Image.fromarray(skimage.data.astronaut()))
+    bright = skimage_photo("astronaut")
     dark = (bright // 5).astype(np.uint8)  # max pixel ~51: per-image /max must undo this
-    other = model_input(Image.fromarray(skimage.data.coffee()))
+    other = skimage_photo("coffee")
     black = np.zeros_like(bright)
     batch = np.stack([bright, dark, other, black])
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import collections.abc
 import contextlib
 import ctypes
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -36,6 +38,8 @@ TRACE_SERVICE_NAME = "bgremove-triton"
 _LOG_LINES = 1000
 _POLL_S = 0.25
 _PR_SET_PDEATHSIG = 1
+# Triton's log prefix for errors: E<MMDD> <time> <tid> <file:line>]
+_ERROR_LINE = re.compile(r"^E\d{4} [\d:.]+\s+\d+ [\w.]+:\d+\] ")
 # A proxy from the environment must never see loopback health probes.
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -319,7 +323,11 @@ class EmbeddedTriton:
                 await self._drain_reader()
                 code = process.returncode
                 how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                raise TritonStartError(f"Triton {how} during startup; its last log lines:\n{self.log_tail()}")
+                reason = _last_error(self._log)
+                raise TritonStartError(
+                    f"Triton {how} during startup{': ' + reason if reason else ''}\n"
+                    f"its last log lines:\n{self.log_tail()}"
+                )
         raise TritonStartError(
             f"Triton was not ready within {self.settings.startup_timeout_s:g}s "
             f"(not ready: {', '.join(pending)}); its last log lines:\n{self.log_tail()}"
@@ -364,6 +372,17 @@ class EmbeddedTriton:
         if self._backend_root is not None:
             shutil.rmtree(self._backend_root, ignore_errors=True)
             self._backend_root = None
+
+
+def _last_error(lines: collections.abc.Iterable[str], limit: int = 400) -> str:
+    """Triton's last error line ("error: ..." on exit, "E<date> ..." in its log), shortened to one
+    line so it can lead the exception message."""
+    found = ""
+    for line in lines:
+        if line.startswith("error:") or _ERROR_LINE.match(line):
+            found = line
+    found = _ERROR_LINE.sub("", found).strip().strip('"')
+    return found if len(found) <= limit else found[: limit - 1] + "…"
 
 
 def _alive(pid: int) -> bool:
