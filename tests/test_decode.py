@@ -15,11 +15,12 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from PIL import ExifTags, Image, ImageCms, ImageFile, PngImagePlugin
+from skimage import data as skdata
+
 from bgremove_gateway.config import Limits
 from bgremove_gateway.decode import decode, sniff_content_type
 from bgremove_gateway.errors import ServiceError
-from PIL import ExifTags, Image, ImageCms, ImageFile, PngImagePlugin
-from skimage import data as skdata
 
 LIMITS = Limits()
 SUPPORTED = "image/jpeg, image/png, image/webp"

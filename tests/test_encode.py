@@ -7,13 +7,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import ExifTags, Image, ImageCms, JpegImagePlugin
+from skimage import data as skdata
+
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove_gateway.config import Limits
 from bgremove_gateway.decode import DecodedImage, decode
 from bgremove_gateway.encode import encode
 from bgremove_gateway.postprocess import Cutout, compose
-from PIL import ExifTags, Image, ImageCms, JpegImagePlugin
-from skimage import data as skdata
 
 ALL_FORMATS = [
     pb.OUTPUT_FORMAT_UNSPECIFIED,

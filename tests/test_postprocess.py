@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
+from skimage import data as skdata
+
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove_gateway.decode import DecodedImage
 from bgremove_gateway.postprocess import compose, mask_to_alpha
-from PIL import Image
-from skimage import data as skdata
 
 W, H = 200, 120
 SUBJECT = (50, 30, 110, 90)  # left, top, right, bottom of the opaque block in `alpha_block`

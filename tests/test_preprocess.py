@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from bgremove_gateway.preprocess import to_model_input
 from PIL import Image
 from skimage import data as skdata
+
+from bgremove_gateway.preprocess import to_model_input
 
 
 def test_shape_and_type() -> None:

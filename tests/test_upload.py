@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterable
 
 import grpc
 import pytest
+
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove.v1 import bgremove_pb2_grpc
 from bgremove_gateway.config import Limits

@@ -11,9 +11,9 @@ from typing import Final
 
 import numpy as np
 import numpy.typing as npt
-from bgremove.v1 import bgremove_pb2 as pb
 from PIL import Image, ImageChops
 
+from bgremove.v1 import bgremove_pb2 as pb
 from bgremove_gateway.decode import DecodedImage
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom (exclusive)

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
-from bgremove.v1 import bgremove_pb2 as pb
 
+from bgremove.v1 import bgremove_pb2 as pb
 from bgremove_gateway.config import Limits
 from bgremove_gateway.decode import SUPPORTED_CONTENT_TYPES, normalise_content_type
 from bgremove_gateway.errors import ServiceError, invalid, too_large
