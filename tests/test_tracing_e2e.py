@@ -64,7 +64,9 @@ def test_cli_gateway_and_triton_spans_form_one_tree(
     def complete() -> bool:
         spans = otlp.trace(root.trace_id)
         services = {s.service for s in spans}
-        return {"bgremove-gateway", "bgremove-triton"} <= services and GATEWAY_STEPS <= {s.name for s in spans}
+        return {"bgremove-gateway", "bgremove-triton"} <= services and {
+            s.name for s in spans
+        } >= GATEWAY_STEPS
 
     _wait_for(complete, 40)
     spans = otlp.trace(root.trace_id)
@@ -72,7 +74,9 @@ def test_cli_gateway_and_triton_spans_form_one_tree(
     services = {s.service for s in spans}
     assert {"bgremove-cli", "bgremove-gateway", "bgremove-triton"} <= services, services
 
-    server = [s for s in spans if s.service == "bgremove-gateway" and s.name.endswith("StreamRemoveBackground")]
+    server = [
+        s for s in spans if s.service == "bgremove-gateway" and s.name.endswith("StreamRemoveBackground")
+    ]
     assert len(server) == 1
     server_span = server[0]
     assert by_id[server_span.parent_id].service == "bgremove-cli", "gateway span is a child of the client's"
@@ -83,7 +87,11 @@ def test_cli_gateway_and_triton_spans_form_one_tree(
         assert step.parent_id == server_span.span_id, f"{step.name} hangs under the RPC span"
 
     triton_spans = [s for s in spans if s.service == "bgremove-triton"]
-    triton_roots = [s for s in triton_spans if by_id.get(s.parent_id) is None or by_id[s.parent_id].service != "bgremove-triton"]
+    triton_roots = [
+        s
+        for s in triton_spans
+        if by_id.get(s.parent_id) is None or by_id[s.parent_id].service != "bgremove-triton"
+    ]
     assert triton_roots, "Triton exported spans for this trace"
     for t in triton_roots:
         assert t.parent_id == steps["infer"].span_id, "Triton's spans hang under the gateway's infer span"

@@ -34,7 +34,12 @@ from bgremove_gateway.config import DEFAULT_MODEL_REPOSITORY
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 _CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
-FORMATS = {"png": pb.OUTPUT_FORMAT_PNG, "webp": pb.OUTPUT_FORMAT_WEBP, "mask": pb.OUTPUT_FORMAT_MASK, "jpeg": pb.OUTPUT_FORMAT_JPEG}
+FORMATS = {
+    "png": pb.OUTPUT_FORMAT_PNG,
+    "webp": pb.OUTPUT_FORMAT_WEBP,
+    "mask": pb.OUTPUT_FORMAT_MASK,
+    "jpeg": pb.OUTPUT_FORMAT_JPEG,
+}
 
 
 @dataclass
@@ -85,7 +90,9 @@ def load_photos(paths: Sequence[Path]) -> list[Photo]:
 
     files: list[Path] = []
     for p in paths:
-        files.extend(sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p])
+        files.extend(
+            sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
+        )
     photos = []
     for f in files:
         data = f.read_bytes()
@@ -120,7 +127,9 @@ async def _drive(
 async def bench_service(
     target: str, photos: list[Photo], concurrency: int, requests: int, fmt: int, chunk: int = 256 * 1024
 ) -> RunStats:
-    async with grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+    async with grpc.aio.insecure_channel(
+        target, options=[("grpc.max_receive_message_length", 64 << 20)]
+    ) as ch:
         stub = pb_grpc.BackgroundRemovalStub(ch)
 
         async def call(i: int) -> str:
@@ -135,7 +144,9 @@ async def bench_service(
                     )
                 )
             ]
-            msgs += [pb.UploadRequest(chunk=photo.data[o : o + chunk]) for o in range(0, len(photo.data), chunk)]
+            msgs += [
+                pb.UploadRequest(chunk=photo.data[o : o + chunk]) for o in range(0, len(photo.data), chunk)
+            ]
             try:
                 async for _ in stub.StreamRemoveBackground(iter(msgs), timeout=300):
                     pass
@@ -147,7 +158,9 @@ async def bench_service(
         return await _drive("service", concurrency, requests, call)
 
 
-async def bench_triton(url: str, model: str, photos: list[Photo], concurrency: int, requests: int) -> RunStats:
+async def bench_triton(
+    url: str, model: str, photos: list[Photo], concurrency: int, requests: int
+) -> RunStats:
     from bgremove_gateway.errors import ServiceError
     from bgremove_gateway.infer import TritonInference
 
@@ -173,7 +186,9 @@ def bench_model(repo: Path, model: str, photos: list[Photo], requests: int, thre
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(repo / model / "1" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        str(repo / model / "1" / "model.onnx"), opts, providers=["CPUExecutionProvider"]
+    )
     name = sess.get_inputs()[0].name
     sess.run(None, {name: photos[0].tensor[np.newaxis]})
     stats = RunStats("model", 1, requests, 0.0)
@@ -210,7 +225,9 @@ async def run_all(ns: argparse.Namespace) -> dict[str, Any]:
         runs.append(await bench_triton(ns.triton_url, ns.model, photos, ns.concurrency, ns.requests))
     if ns.model_alone:
         runs.append(
-            await asyncio.to_thread(bench_model, ns.model_repository, ns.model, photos, ns.requests, ns.model_threads)
+            await asyncio.to_thread(
+                bench_model, ns.model_repository, ns.model, photos, ns.requests, ns.model_threads
+            )
         )
     by_name = {r.name: r for r in runs}
     ratios: dict[str, float] = {}
@@ -228,7 +245,16 @@ def run(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps(report, indent=2))
     else:
-        cols = ("name", "concurrency", "requests", "throughput_per_s", "p50_ms", "p95_ms", "p99_ms", "statuses")
+        cols = (
+            "name",
+            "concurrency",
+            "requests",
+            "throughput_per_s",
+            "p50_ms",
+            "p95_ms",
+            "p99_ms",
+            "statuses",
+        )
         print(" | ".join(cols))
         for r in report["runs"]:
             print(" | ".join(str(r[c]) for c in cols))
@@ -236,4 +262,3 @@ def run(ns: argparse.Namespace) -> int:
             print(f"{k}: {v}")
     failed = sum(n for s, n in report["runs"][0]["statuses"].items() if s != "OK")
     return 1 if failed else 0
-

@@ -100,11 +100,15 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bgremove", description="Background removal over gRPC, on NVIDIA Triton.")
+    parser = argparse.ArgumentParser(
+        prog="bgremove", description="Background removal over gRPC, on NVIDIA Triton."
+    )
     parser.add_argument("--version", action="version", version=f"bgremove {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="start the gateway (and an embedded Triton unless --triton-url is given)")
+    p = sub.add_parser(
+        "serve", help="start the gateway (and an embedded Triton unless --triton-url is given)"
+    )
     add_serve_arguments(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -113,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_cmd_triton)
 
-    p = sub.add_parser("prepare-models", help="build the model repository's ONNX graphs from verified weights")
+    p = sub.add_parser(
+        "prepare-models", help="build the model repository's ONNX graphs from verified weights"
+    )
     p.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
     p.add_argument("--u2net", type=Path, default=None, help="full U2-Net weights (rembg's u2net.onnx) to add")
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")

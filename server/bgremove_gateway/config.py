@@ -73,10 +73,13 @@ def add_triton_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]
         "--triton-url",
         dest="triton_urls",
         action="append",
-        default=[u for u in _env(env, "TRITON_URL", "").split(",") if u],
+        # argparse's append extends a default list in place, so flags would add to the env's list;
+        # the env value is applied only when no flag is given.
+        default=None,
         metavar="HOST:PORT",
-        help="external Triton gRPC endpoint (repeatable); none starts an embedded Triton [BGREMOVE_TRITON_URL]",
+        help="external Triton gRPC endpoint (repeatable); none starts an embedded one [BGREMOVE_TRITON_URL]",
     )
+    parser.set_defaults(triton_urls_env=tuple(u for u in _env(env, "TRITON_URL", "").split(",") if u))
     parser.add_argument(
         "--triton-grpc-port", type=int, default=int(_env(env, "TRITON_GRPC_PORT", str(t.grpc_port)))
     )
@@ -111,7 +114,9 @@ def add_triton_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]
 def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
     env = os.environ if env is None else env
     s, lim = Settings(), Limits()
-    parser.add_argument("--listen", default=_env(env, "LISTEN", s.listen), help="gRPC address [BGREMOVE_LISTEN]")
+    parser.add_argument(
+        "--listen", default=_env(env, "LISTEN", s.listen), help="gRPC address [BGREMOVE_LISTEN]"
+    )
     parser.add_argument("--default-model", default=_env(env, "DEFAULT_MODEL", s.default_model))
     parser.add_argument(
         "--max-upload-bytes", type=int, default=int(_env(env, "MAX_UPLOAD_BYTES", str(lim.max_upload_bytes)))
@@ -139,7 +144,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
 
 def triton_settings_from_args(ns: argparse.Namespace) -> TritonSettings:
     return TritonSettings(
-        urls=tuple(ns.triton_urls),
+        urls=tuple(ns.triton_urls) if ns.triton_urls else ns.triton_urls_env,
         grpc_port=ns.triton_grpc_port,
         http_port=ns.triton_http_port,
         metrics_port=ns.triton_metrics_port,

@@ -63,4 +63,3 @@ def too_large(field_name: str, message: str) -> ServiceError:
     """Over a size limit: RESOURCE_EXHAUSTED, the status gRPC itself gives oversize messages, so
     clients handle our limits and the transport's the same way."""
     return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, [FieldViolation(field_name, message)])
-

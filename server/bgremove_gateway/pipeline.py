@@ -89,4 +89,3 @@ class Pipeline:
             x, y, w, h = cutout.bbox
             header.foreground.CopyFrom(pb.BoundingBox(x=x, y=y, width=w, height=h))
         return Result(header=header, data=encoded.data)
-

@@ -52,13 +52,17 @@ class Gateway:
         self.health = health.aio.HealthServicer()
         self.triton: EmbeddedTriton | None = None
         self.inference: TritonInference | None = None
-        self.executor = ThreadPoolExecutor(max_workers=settings.cpu_workers, thread_name_prefix="bgremove-cpu")
+        self.executor = ThreadPoolExecutor(
+            max_workers=settings.cpu_workers, thread_name_prefix="bgremove-cpu"
+        )
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._monitor: asyncio.Task[None] | None = None
 
     async def _set_health(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
@@ -77,7 +81,9 @@ class Gateway:
         try:
             self.port = server.add_insecure_port(s.listen)
         except RuntimeError as exc:
-            raise StartupError(f"cannot listen on {s.listen}: address in use or not available ({exc})") from None
+            raise StartupError(
+                f"cannot listen on {s.listen}: address in use or not available ({exc})"
+            ) from None
         if self.port == 0:
             raise StartupError(f"cannot listen on {s.listen}: address in use or not available")
         self.server = server
@@ -88,7 +94,9 @@ class Gateway:
             triton_url = self.triton.grpc_url
         self.inference = TritonInference(triton_url, timeout_s=s.triton.infer_timeout_s)
         pipeline = Pipeline(s, self.inference, self.executor)
-        pb_grpc.add_BackgroundRemovalServicer_to_server(BackgroundRemovalServicer(pipeline, self.state), server)
+        pb_grpc.add_BackgroundRemovalServicer_to_server(
+            BackgroundRemovalServicer(pipeline, self.state), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -79,7 +79,7 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
         if not self.state.ready:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the service is not ready: the model is loading")
 
-    async def StreamRemoveBackground(  # noqa: N802 (gRPC method name)
+    async def StreamRemoveBackground(
         self, request_iterator: AsyncIterator[pb.UploadRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ResultChunk]:
         access = _Access("StreamRemoveBackground", context)
@@ -95,7 +95,7 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
         finally:
             access.done()
 
-    async def RemoveBackground(  # noqa: N802
+    async def RemoveBackground(
         self, request: pb.RemoveBackgroundRequest, context: grpc.aio.ServicerContext
     ) -> pb.RemoveBackgroundResponse:
         access = _Access("RemoveBackground", context)
@@ -133,7 +133,7 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
             log.exception("unexpected failure in %s", access.method)
             await abort(context, ServiceError(grpc.StatusCode.INTERNAL, "internal error"))
 
-    async def GetServiceInfo(  # noqa: N802
+    async def GetServiceInfo(
         self, request: pb.GetServiceInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetServiceInfoResponse:
         settings = self.pipeline.settings
