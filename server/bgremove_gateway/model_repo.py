@@ -375,4 +375,15 @@ def prepare_models(
     source = _u2net_source(repo, u2net_source)
     if source is not None:
         prepared.append(prepare_model(source, U2NET, repo, force=force))
+    else:
+        built = (
+            _built_metadata(model_path(repo, U2NET.model))
+            if model_path(repo, U2NET.model).is_file()
+            else None
+        )
+        if built is not None and built.get(f"{_META_PREFIX}graph_version") != GRAPH_VERSION:
+            log.warning(
+                "%s was built by an older bgremove; rebuild it with `bgremove prepare-models --u2net PATH`",
+                model_path(repo, U2NET.model),
+            )
     return prepared

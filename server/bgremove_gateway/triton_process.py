@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import collections.abc
 import contextlib
 import ctypes
 import importlib.util
@@ -25,6 +24,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,7 +114,7 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-async def wait_until_ready(http_url: str, models: list[str]) -> list[str]:
+async def not_ready(http_url: str, models: list[str]) -> list[str]:
     """One readiness probe over HTTP (Triton has no gRPC health service); returns what is not
     READY yet: "server" and/or model names. Blocking urllib runs off the event loop."""
     base = f"http://{http_url}/v2"
@@ -123,12 +123,19 @@ async def wait_until_ready(http_url: str, models: list[str]) -> list[str]:
     return [name for name, ok in zip(urls, results, strict=True) if not ok]
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM Triton if the gateway dies without stopping it, so a
-    crashed gateway never leaves a Triton holding the ports."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A preexec_fn that makes the kernel SIGTERM Triton when the gateway dies without stopping
+    it (killed, OOM), so no orphaned Triton keeps holding the ports. libc is looked up here, in
+    the parent: the forked child then only makes one system call, and takes no loader locks."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+    return preexec
 
 
 def _child_pids(pid: int) -> list[int]:
@@ -263,6 +270,7 @@ class EmbeddedTriton:
         """Launches Triton and returns once the server and every loaded model are READY."""
         if self.running:
             raise TritonStartError(f"Triton is already running (pid {self.pid})")
+        await self.stop()  # after an earlier run that exited by itself: reap it, drop its directory
         self._preflight()
         install = TritonInstallation.locate()
         self._backend_root = install.make_backend_dir()
@@ -279,7 +287,7 @@ class EmbeddedTriton:
                 # Own process group: a Ctrl-C on the terminal reaches the gateway, which drains
                 # first and then stops Triton, instead of both stopping at once.
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_parent_death_signal(),
                 limit=1 << 20,
             )
         except OSError as exc:
@@ -309,25 +317,28 @@ class EmbeddedTriton:
     async def _wait_ready(self) -> None:
         assert self._process is not None
         process = self._process
+        exited = asyncio.ensure_future(process.wait())
         deadline = time.monotonic() + self.settings.startup_timeout_s
         pending = ["server", *self.models]
-        while time.monotonic() < deadline:
-            if process.returncode is None:
-                pending = await wait_until_ready(self.http_url, self.models)
-                if not pending:
-                    return
-            # Sleeps between probes, but wakes at once if Triton exits.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(process.wait()), _POLL_S)
-            if process.returncode is not None:
-                await self._drain_reader()
-                code = process.returncode
-                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                reason = _last_error(self._log)
-                raise TritonStartError(
-                    f"Triton {how} during startup{': ' + reason if reason else ''}\n"
-                    f"its last log lines:\n{self.log_tail()}"
-                )
+        try:
+            while time.monotonic() < deadline:
+                if not exited.done():
+                    pending = await not_ready(self.http_url, self.models)
+                    if not pending:
+                        return
+                    # Sleeps between probes, but wakes at once if Triton exits.
+                    await asyncio.wait({exited}, timeout=_POLL_S)
+                if exited.done():
+                    await self._drain_reader()
+                    code = exited.result()
+                    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                    reason = _last_error(self._log)
+                    raise TritonStartError(
+                        f"Triton {how} during startup{': ' + reason if reason else ''}\n"
+                        f"its last log lines:\n{self.log_tail()}"
+                    )
+        finally:
+            exited.cancel()
         raise TritonStartError(
             f"Triton was not ready within {self.settings.startup_timeout_s:g}s "
             f"(not ready: {', '.join(pending)}); its last log lines:\n{self.log_tail()}"
@@ -349,7 +360,8 @@ class EmbeddedTriton:
         """SIGTERM (Triton finishes in-flight requests for up to exit_timeout_s), then SIGKILL of
         Triton and its stubs after `timeout_s`. Safe to call more than once."""
         process = self._process
-        if process is not None:
+        # Nothing to do once a previous stop() has reaped Triton and drained its output.
+        if process is not None and (process.returncode is None or self._reader is not None):
             stubs = _child_pids(process.pid)
             if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -374,7 +386,7 @@ class EmbeddedTriton:
             self._backend_root = None
 
 
-def _last_error(lines: collections.abc.Iterable[str], limit: int = 400) -> str:
+def _last_error(lines: Iterable[str], limit: int = 400) -> str:
     """Triton's last error line ("error: ..." on exit, "E<date> ..." in its log), shortened to one
     line so it can lead the exception message."""
     found = ""
