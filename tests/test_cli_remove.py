@@ -19,13 +19,14 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_status import rpc_status
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+from PIL import Image
+
 from bgremove import cli_remove
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove.v1 import bgremove_pb2_grpc
 from bgremove_gateway.errors import ServiceError, invalid
-from grpc_status import rpc_status
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
-from PIL import Image
 
 _PIL_FORMATS = {
     pb.OUTPUT_FORMAT_UNSPECIFIED: ("PNG", "RGBA", "image/png"),

@@ -16,10 +16,6 @@ from typing import Any
 
 import grpc
 import pytest
-from bgremove import AsyncClient, BgRemoveError, Client, FieldViolation, RemovalResult, RemoveOptions, remove
-from bgremove.v1 import bgremove_pb2 as pb
-from bgremove.v1 import bgremove_pb2_grpc
-from bgremove_gateway.errors import ServiceError, invalid
 from grpc_status import rpc_status
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -27,6 +23,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from PIL import Image
 from skimage import data as skdata
+
+from bgremove import AsyncClient, BgRemoveError, Client, FieldViolation, RemovalResult, RemoveOptions, remove
+from bgremove.v1 import bgremove_pb2 as pb
+from bgremove.v1 import bgremove_pb2_grpc
+from bgremove_gateway.errors import ServiceError, invalid
 
 
 def encoded(fmt: str, size: tuple[int, int] = (300, 200)) -> bytes:

@@ -19,9 +19,10 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from bgremove_gateway.cli import build_parser
 from helm_python import Chart, HelmRenderError, HelmValuesError, lint
 from kubernetes_validate.utils import latest_version
+
+from bgremove_gateway.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART_DIR = ROOT / "helm" / "bgremove"

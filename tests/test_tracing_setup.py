@@ -11,8 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from bgremove.tracing import configure_tracing, otlp_traces_url, shutdown_tracing
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+from bgremove.tracing import configure_tracing, otlp_traces_url, shutdown_tracing
 
 OTEL_VARS = (
     "OTEL_SDK_DISABLED",
