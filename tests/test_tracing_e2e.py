@@ -72,7 +72,14 @@ def test_cli_gateway_and_triton_spans_form_one_tree(
     spans = otlp.trace(root.trace_id)
     by_id = {s.span_id: s for s in spans}
     services = {s.service for s in spans}
-    assert {"bgremove-cli", "bgremove-gateway", "bgremove-triton"} <= services, services
+    assert {"bgremove-cli", "bgremove-gateway", "bgremove-triton"} <= services, (
+        services,
+        sorted({(s.service, s.name) for s in otlp.spans}),
+        len([s for s in otlp.spans if s.service == "bgremove-triton"]),
+        otlp.errors,
+        [ln for ln in gateway.lines if "bgremove.triton" in ln and ("rror" in ln or "race" in ln)][-20:],
+    )
+    assert not otlp.errors
 
     server = [
         s for s in spans if s.service == "bgremove-gateway" and s.name.endswith("StreamRemoveBackground")
