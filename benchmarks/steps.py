@@ -1,0 +1,74 @@
+"""Per-step cost of the gateway's CPU work (decode, preprocess, postprocess, encode), in-process.
+
+The model is not run: a mask from a previous real run stands in, since only the gateway's own
+overhead is measured here. Median of N runs, one thread.
+
+    .venv/bin/python benchmarks/steps.py [IMAGES_DIR] [--format png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from bgremove.v1 import bgremove_pb2 as pb
+from bgremove_gateway.config import Limits
+from bgremove_gateway.decode import decode
+from bgremove_gateway.encode import encode
+from bgremove_gateway.postprocess import compose, mask_to_alpha
+from bgremove_gateway.preprocess import to_model_input
+
+T = TypeVar("T")
+FORMATS = {"png": pb.OUTPUT_FORMAT_PNG, "webp": pb.OUTPUT_FORMAT_WEBP, "mask": pb.OUTPUT_FORMAT_MASK,
+           "jpeg": pb.OUTPUT_FORMAT_JPEG}
+
+
+def timed(fn: Callable[[], T], n: int) -> tuple[T, float]:
+    out = fn()
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        out = fn()
+        samples.append((time.perf_counter() - t0) * 1000)
+    return out, statistics.median(samples)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("images", type=Path, nargs="*", default=[Path("/tmp/bgremove-bench-images/1mp")])
+    ap.add_argument("--format", choices=sorted(FORMATS), default="png")
+    ap.add_argument("-n", type=int, default=5)
+    ns = ap.parse_args()
+    fmt = FORMATS[ns.format]
+    opts = pb.Options(format=fmt)
+    # A blob-shaped mask like a real subject's, so encoders see realistic transparency.
+    yy, xx = np.mgrid[:320, :320]
+    mask = np.clip(255 - ((yy - 170) ** 2 + (xx - 160) ** 2) / 60, 0, 255).astype(np.uint8)
+    totals: dict[str, list[float]] = {}
+    for folder in ns.images:
+        for f in sorted(folder.glob("*.jpg")):
+            data = f.read_bytes()
+            decoded, t_dec = timed(lambda: decode(data, "image/jpeg", Limits()), ns.n)
+            _, t_pre = timed(lambda: to_model_input(decoded.image), ns.n)
+            size = decoded.image.size
+            cut, t_post = timed(lambda: compose(decoded, mask_to_alpha(mask, size), opts), ns.n)
+            enc, t_enc = timed(lambda: encode(cut, fmt), ns.n)
+            row = {"decode": t_dec, "preprocess": t_pre, "postprocess": t_post, "encode": t_enc}
+            row["total"] = sum(row.values())
+            for k, v in row.items():
+                totals.setdefault(k, []).append(v)
+            print(f"{f.parent.name}/{f.name} {size[0]}x{size[1]}: "
+                  + " ".join(f"{k}={v:.1f}ms" for k, v in row.items()) + f" out={len(enc.data) // 1024}KiB")
+    print("median: " + " ".join(f"{k}={statistics.median(v):.1f}ms" for k, v in totals.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
