@@ -26,8 +26,12 @@ from bgremove_gateway.postprocess import compose, mask_to_alpha
 from bgremove_gateway.preprocess import to_model_input
 
 T = TypeVar("T")
-FORMATS = {"png": pb.OUTPUT_FORMAT_PNG, "webp": pb.OUTPUT_FORMAT_WEBP, "mask": pb.OUTPUT_FORMAT_MASK,
-           "jpeg": pb.OUTPUT_FORMAT_JPEG}
+FORMATS = {
+    "png": pb.OUTPUT_FORMAT_PNG,
+    "webp": pb.OUTPUT_FORMAT_WEBP,
+    "mask": pb.OUTPUT_FORMAT_MASK,
+    "jpeg": pb.OUTPUT_FORMAT_JPEG,
+}
 
 
 def timed(fn: Callable[[], T], n: int) -> tuple[T, float]:
@@ -38,6 +42,19 @@ def timed(fn: Callable[[], T], n: int) -> tuple[T, float]:
         out = fn()
         samples.append((time.perf_counter() - t0) * 1000)
     return out, statistics.median(samples)
+
+
+def measure(
+    data: bytes, mask: np.ndarray, opts: pb.Options, fmt: pb.OutputFormat, n: int
+) -> tuple[dict[str, float], tuple[int, int], int]:
+    decoded, t_dec = timed(lambda: decode(data, "image/jpeg", Limits()), n)
+    _, t_pre = timed(lambda: to_model_input(decoded.image), n)
+    size = decoded.image.size
+    cut, t_post = timed(lambda: compose(decoded, mask_to_alpha(mask, size), opts), n)
+    enc, t_enc = timed(lambda: encode(cut, fmt), n)
+    row = {"decode": t_dec, "preprocess": t_pre, "postprocess": t_post, "encode": t_enc}
+    row["total"] = sum(row.values())
+    return row, size, len(enc.data)
 
 
 def main() -> int:
@@ -54,18 +71,14 @@ def main() -> int:
     totals: dict[str, list[float]] = {}
     for folder in ns.images:
         for f in sorted(folder.glob("*.jpg")):
-            data = f.read_bytes()
-            decoded, t_dec = timed(lambda: decode(data, "image/jpeg", Limits()), ns.n)
-            _, t_pre = timed(lambda: to_model_input(decoded.image), ns.n)
-            size = decoded.image.size
-            cut, t_post = timed(lambda: compose(decoded, mask_to_alpha(mask, size), opts), ns.n)
-            enc, t_enc = timed(lambda: encode(cut, fmt), ns.n)
-            row = {"decode": t_dec, "preprocess": t_pre, "postprocess": t_post, "encode": t_enc}
-            row["total"] = sum(row.values())
+            row, size, out_bytes = measure(f.read_bytes(), mask, opts, fmt, ns.n)
             for k, v in row.items():
                 totals.setdefault(k, []).append(v)
-            print(f"{f.parent.name}/{f.name} {size[0]}x{size[1]}: "
-                  + " ".join(f"{k}={v:.1f}ms" for k, v in row.items()) + f" out={len(enc.data) // 1024}KiB")
+            print(
+                f"{f.parent.name}/{f.name} {size[0]}x{size[1]}: "
+                + " ".join(f"{k}={v:.1f}ms" for k, v in row.items())
+                + f" out={out_bytes // 1024}KiB"
+            )
     print("median: " + " ".join(f"{k}={statistics.median(v):.1f}ms" for k, v in totals.items()))
     return 0
 

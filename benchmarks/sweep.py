@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).parent))
-from make_images import SIZES_MP, make  # noqa: E402
+from make_images import SIZES_MP, make
 
 BGREMOVE = str(Path(sys.executable).with_name("bgremove"))
 
@@ -42,8 +42,8 @@ def wait_serving(target: str, proc: subprocess.Popen[bytes], timeout_s: float = 
             raise SystemExit(f"gateway exited with {proc.returncode}")
         with grpc.insecure_channel(target) as ch:
             try:
-                status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
+                check = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if check.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 pass
@@ -53,8 +53,19 @@ def wait_serving(target: str, proc: subprocess.Popen[bytes], timeout_s: float = 
 
 def bench(target: str, triton: str, images: Path, concurrency: int, requests: int, model: bool) -> dict:
     cmd = [
-        BGREMOVE, "bench", "--target", target, "--triton-url", triton, "--images", str(images),
-        "--concurrency", str(concurrency), "--requests", str(requests), "--json",
+        BGREMOVE,
+        "bench",
+        "--target",
+        target,
+        "--triton-url",
+        triton,
+        "--images",
+        str(images),
+        "--concurrency",
+        str(concurrency),
+        "--requests",
+        str(requests),
+        "--json",
     ]
     if model:
         cmd.append("--model-alone")
@@ -76,9 +87,18 @@ def main() -> int:
     target, triton_port = f"127.0.0.1:{free_port()}", free_port()
     proc = subprocess.Popen(
         [
-            BGREMOVE, "serve", "--listen", target, "--triton-grpc-port", str(triton_port),
-            "--triton-http-port", str(free_port()), "--triton-metrics-port", str(free_port()),
-            "--log-level", "WARNING",
+            BGREMOVE,
+            "serve",
+            "--listen",
+            target,
+            "--triton-grpc-port",
+            str(triton_port),
+            "--triton-http-port",
+            str(free_port()),
+            "--triton-metrics-port",
+            str(free_port()),
+            "--log-level",
+            "WARNING",
         ],
         env={k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
     )
@@ -90,8 +110,11 @@ def main() -> int:
                 report = bench(target, f"127.0.0.1:{triton_port}", folders[mp], conc, ns.requests, conc == 1)
                 runs = {r["name"]: r for r in report["runs"]}
                 rows.append((mp, conc, runs, report["ratios"]))
-                print(f"{mp:g} MP c={conc}: " + json.dumps({k: v["throughput_per_s"] for k, v in runs.items()})
-                      + " " + json.dumps(report["ratios"]), flush=True)
+                throughputs = {k: v["throughput_per_s"] for k, v in runs.items()}
+                print(
+                    f"{mp:g} MP c={conc}: {json.dumps(throughputs)} {json.dumps(report['ratios'])}",
+                    flush=True,
+                )
     finally:
         proc.terminate()
         proc.wait(60)
@@ -99,7 +122,8 @@ def main() -> int:
         f"# bgremove benchmark sweep, {dt.date.today().isoformat()}",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
-        f"{platform.python_version()}, CPU only (Triton Python backend + ONNX Runtime), U2-Net-P, PNG output.",
+        f"{platform.python_version()}, CPU only (Triton Python backend + ONNX Runtime), U2-Net-P, "
+        "PNG output.",
         f"{ns.requests} requests per cell; JPEG inputs from benchmarks/make_images.py.",
         "",
         "| input | conc | service img/s | p50 ms | p95 ms | p99 ms | Triton img/s | Triton p50 ms "
@@ -116,7 +140,8 @@ def main() -> int:
             f"| {mp:g} MP | {conc} | {s['throughput_per_s']:.2f} | {s['p50_ms']:.0f} | {s['p95_ms']:.0f} "
             f"| {s['p99_ms']:.0f} | {t.get('throughput_per_s', 0):.2f} | {t.get('p50_ms', 0):.0f} "
             f"| {m if m else '':} | {ratios.get('service_over_triton_throughput', '')} "
-            f"| {round(s['throughput_per_s'] / m, 3) if m else ''} | {ratios.get('gateway_added_p50_ms', '')} "
+            f"| {round(s['throughput_per_s'] / m, 3) if m else ''} "
+            f"| {ratios.get('gateway_added_p50_ms', '')} "
             f"| {s['statuses']} |"
         )
     ns.out.parent.mkdir(parents=True, exist_ok=True)
