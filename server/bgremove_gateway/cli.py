@@ -1,4 +1,4 @@
-"""`bgremove`: serve, triton, prepare-models, remove."""
+"""`bgremove`: serve, triton, prepare-models, remove, keys, bench."""
 
 from __future__ import annotations
 
@@ -93,6 +93,12 @@ def _cmd_remove(ns: argparse.Namespace) -> int:
     return run(ns)
 
 
+def _cmd_keys(ns: argparse.Namespace) -> int:
+    from bgremove_gateway.keys_cli import run
+
+    return run(ns)
+
+
 def _cmd_bench(ns: argparse.Namespace) -> int:
     from bgremove_gateway.bench import run
 
@@ -131,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("remove", help="remove the background from images through a running service")
     add_remove_arguments(p)
     p.set_defaults(func=_cmd_remove)
+
+    from bgremove_gateway.keys_cli import add_arguments as add_keys_arguments
+
+    p = sub.add_parser("keys", help="add, list or revoke the API keys in a keys file")
+    add_keys_arguments(p)
+    p.set_defaults(func=_cmd_keys)
 
     from bgremove_gateway.bench import add_arguments as add_bench_arguments
 

@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import NoReturn
 
 import grpc
 from grpc_status import rpc_status
-from opentelemetry import trace
 
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
 from bgremove_gateway import __version__
+from bgremove_gateway.access import Access as _Access
 from bgremove_gateway.decode import SUPPORTED_CONTENT_TYPES
 from bgremove_gateway.errors import ServiceError
 from bgremove_gateway.pipeline import Pipeline, Result
 
 log = logging.getLogger("bgremove.gateway")
-access_log = logging.getLogger("bgremove.access")
 
 OUTPUT_FORMATS = (
     pb.OUTPUT_FORMAT_PNG,
@@ -43,31 +41,6 @@ async def abort(context: grpc.aio.ServicerContext, err: ServiceError) -> NoRetur
     status = rpc_status.to_status(err.to_rpc_status())
     await context.abort(status.code, status.details, status.trailing_metadata)
     raise AssertionError("unreachable: abort raises")
-
-
-@dataclass
-class _Access:
-    """One access-log line per request; only sizes, status and timing: never content or names."""
-
-    method: str
-    context: grpc.aio.ServicerContext
-    started: float = field(default_factory=time.perf_counter)
-    bytes_in: int = 0
-    bytes_out: int = 0
-    code: grpc.StatusCode = grpc.StatusCode.OK
-
-    def done(self) -> None:
-        span_ctx = trace.get_current_span().get_span_context()
-        access_log.info(
-            "method=%s status=%s peer=%s bytes_in=%d bytes_out=%d latency_ms=%.1f trace_id=%s",
-            self.method,
-            self.code.name,
-            self.context.peer(),
-            self.bytes_in,
-            self.bytes_out,
-            (time.perf_counter() - self.started) * 1000,
-            format(span_ctx.trace_id, "032x") if span_ctx.is_valid else "-",
-        )
 
 
 class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
@@ -120,7 +93,10 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
             else:
                 upload = await self.pipeline.receive(source)
             access.bytes_in = len(upload.data)
-            return await self.pipeline.run(upload, timeout_s=context.time_remaining())
+            try:
+                return await self.pipeline.run(upload, timeout_s=context.time_remaining())
+            finally:
+                upload.close()  # now, on success, failure or cancellation: not when collected
         except ServiceError as err:
             access.code = err.code
             await abort(context, err)
