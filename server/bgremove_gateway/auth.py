@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +186,7 @@ class AccessControl(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     @contextlib.asynccontextmanager
     async def _guard(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        started = time.perf_counter()
         key_id: str | None = None
         try:
             key_id, limits = await self._identify(context)
@@ -194,7 +196,7 @@ class AccessControl(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             admitted.__enter__()
         except ServiceError as err:
             # The servicer never sees this call, so its one access line is written here.
-            Access(short_method(method), context, code=err.code, key=key_id or "-").done()
+            Access(short_method(method), context, started, code=err.code, key=key_id or "-").done()
             await _abort(context, err)
         caller.set(key_id)  # each call runs in its own task and context: this never leaks
         try:
