@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -23,6 +24,7 @@ import grpc
 from grpc_status import rpc_status
 
 from bgremove_gateway.access import Access, caller, short_method
+from bgremove_gateway.drain import drain
 from bgremove_gateway.errors import ServiceError
 from bgremove_gateway.keys import KeyFileError, KeyLimits, KeyRecord, PresentedKey, read_keys
 from bgremove_gateway.ratelimit import Admission
@@ -31,6 +33,10 @@ log = logging.getLogger("bgremove.auth")
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 RELOAD_INTERVAL_S = 5.0
+# How long a refused call waits before its answer (see AccessControl._refuse).
+REFUSAL_PAUSE_S = 0.5
+MAX_REFUSAL_PAUSE_S = 1.0
+MIN_RETRY_S = 0.05
 
 
 def unauthenticated(message: str) -> ServiceError:
@@ -185,7 +191,9 @@ class AccessControl(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return "-", None
 
     @contextlib.asynccontextmanager
-    async def _guard(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def _guard(
+        self, method: str, context: grpc.aio.ServicerContext, requests: AsyncIterator[Any] | None
+    ) -> AsyncIterator[None]:
         started = time.perf_counter()
         key_id: str | None = None
         try:
@@ -195,14 +203,35 @@ class AccessControl(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
             admitted.__enter__()
         except ServiceError as err:
-            # The servicer never sees this call, so its one access line is written here.
-            Access(short_method(method), context, started, code=err.code, key=key_id or "-").done()
-            await _abort(context, err)
+            await self._refuse(method, context, requests, err, started, key_id or "-")
         caller.set(key_id)  # each call runs in its own task and context: this never leaks
         try:
             yield
         finally:
             admitted.__exit__(None, None, None)
+
+    async def _refuse(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        requests: AsyncIterator[Any] | None,
+        err: ServiceError,
+        started: float,
+        key_id: str,
+    ) -> NoReturn:
+        """Answers a refused call after a pause: a client that ignores RetryInfo and calls again
+        at once can then send only as many calls as it holds open per pause, instead of
+        thousands a second that would keep the event loop from everyone else's calls. The pause
+        costs the server one sleeping coroutine; the RetryInfo sent is what remains to wait."""
+        pause = min(err.retry_after_s, MAX_REFUSAL_PAUSE_S) if err.retry_after_s else REFUSAL_PAUSE_S
+        if requests is not None:
+            await drain(requests, max_s=pause)
+        await asyncio.sleep(max(0.0, started + pause - time.perf_counter()))
+        if err.retry_after_s:
+            err = dataclasses.replace(err, retry_after_s=max(MIN_RETRY_S, err.retry_after_s - pause))
+        # The servicer never sees this call, so its one access line is written here.
+        Access(short_method(method), context, started, code=err.code, key=key_id).done()
+        await _abort(context, err)
 
     async def intercept_service(
         self,
@@ -213,10 +242,13 @@ class AccessControl(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method: str = handler_call_details.method
         if handler is None or method.startswith(OPEN_METHOD_PREFIXES):
             return handler
-        return _wrap(handler, lambda context: self._guard(method, context))
+        return _wrap(handler, lambda context, requests: self._guard(method, context, requests))
 
 
-Guard = Callable[[grpc.aio.ServicerContext], contextlib.AbstractAsyncContextManager[None]]
+# The guard gets the request iterator of client-streaming calls, to drain it before a refusal.
+Guard = Callable[
+    [grpc.aio.ServicerContext, AsyncIterator[Any] | None], contextlib.AbstractAsyncContextManager[None]
+]
 
 
 def _wrap(handler: grpc.RpcMethodHandler, guard: Guard) -> grpc.RpcMethodHandler:
@@ -229,7 +261,7 @@ def _wrap(handler: grpc.RpcMethodHandler, guard: Guard) -> grpc.RpcMethodHandler
         unary_unary = handler.unary_unary
 
         async def uu(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with guard(context):
+            async with guard(context, None):
                 return await unary_unary(request, context)
 
         return grpc.unary_unary_rpc_method_handler(uu, **kw)
@@ -237,14 +269,15 @@ def _wrap(handler: grpc.RpcMethodHandler, guard: Guard) -> grpc.RpcMethodHandler
         stream_unary = handler.stream_unary
 
         async def su(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with guard(context):
+            async with guard(context, requests):
                 return await stream_unary(requests, context)
 
         return grpc.stream_unary_rpc_method_handler(su, **kw)
     streaming = handler.unary_stream or handler.stream_stream
+    client_streaming = handler.stream_stream is not None
 
     async def streamed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async with guard(context):
+        async with guard(context, request if client_streaming else None):
             async for response in streaming(request, context):
                 yield response
 

@@ -101,7 +101,7 @@ class Admission:
                 raise ServiceError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"API key {key_id} is over its rate limit of {limits.rate:g} requests/s "
-                    f"(burst {limits.burst}); retry in {wait:.2f} s",
+                    f"(burst {limits.burst}); retry after the delay in RetryInfo",
                     retry_after_s=wait,
                 )
         state.in_flight += 1

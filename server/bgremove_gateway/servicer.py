@@ -16,6 +16,7 @@ from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
 from bgremove_gateway import __version__
 from bgremove_gateway.access import Access as _Access
 from bgremove_gateway.decode import SUPPORTED_CONTENT_TYPES
+from bgremove_gateway.drain import drain
 from bgremove_gateway.errors import ServiceError
 from bgremove_gateway.pipeline import Pipeline, Result
 
@@ -99,6 +100,13 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
                 upload.close()  # now, on success, failure or cancellation: not when collected
         except ServiceError as err:
             access.code = err.code
+            # A client still sending must see this status, not INTERNAL (see drain.py); a stalled one
+            # is not sending.
+            if (
+                not isinstance(source, pb.RemoveBackgroundRequest)
+                and err.code != grpc.StatusCode.DEADLINE_EXCEEDED
+            ):
+                await drain(source)
             await abort(context, err)
         except asyncio.CancelledError:
             # The caller cancelled or its deadline passed; gRPC already told it so.
