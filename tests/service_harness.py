@@ -141,6 +141,8 @@ class GatewayProcess:
     lines: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=5000))
     # Where health() asks: the serving port, or a plaintext --health-listen port when TLS is on.
     health_port: int | None = None
+    # A command that runs the gateway (e.g. strace ... --); proc is then that command's process.
+    prefix: list[str] = field(default_factory=list)
 
     @property
     def target(self) -> str:
@@ -148,6 +150,7 @@ class GatewayProcess:
 
     def start(self) -> None:
         cmd = [
+            *self.prefix,
             BGREMOVE,
             "serve",
             "--listen",

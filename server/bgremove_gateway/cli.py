@@ -20,19 +20,19 @@ from bgremove_gateway.config import (
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    from bgremove_gateway.logs import configure_logging
+
+    configure_logging(level)
 
 
 def _cmd_serve(ns: argparse.Namespace) -> int:
     from bgremove.tracing import configure_tracing, shutdown_tracing
+    from bgremove_gateway.memory import release_large_buffers_promptly
     from bgremove_gateway.server import StartupError, serve
 
     settings = settings_from_args(ns)
     _configure_logging(settings.log_level)
+    release_large_buffers_promptly()
     provider = configure_tracing("bgremove-gateway")
     try:
         return asyncio.run(serve(settings))
