@@ -39,6 +39,8 @@ MAX_UPLOAD = 3_000_000
 MAX_CHUNK = 262_144
 MAX_PIXELS = 20_000_000
 IDLE_S = 1.5
+MAX_UNARY = 1_000_000
+MAX_SIDE = 4096
 SUPPORTED = "supported: image/jpeg, image/png, image/webp"
 
 
@@ -56,6 +58,10 @@ def strict(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
             str(MAX_PIXELS),
             "--idle-timeout",
             str(IDLE_S),
+            "--max-unary-bytes",
+            str(MAX_UNARY),
+            "--max-output-side",
+            str(MAX_SIDE),
         ]
     )
     gw.start()
@@ -416,3 +422,4 @@ def test_limits_are_reported_as_configured(strict: GatewayProcess) -> None:
         MAX_PIXELS,
         int(IDLE_S * 1000),
     )
+    assert (lim.max_unary_bytes, lim.max_output_side, lim.max_crop_margin) == (MAX_UNARY, MAX_SIDE, 10_000)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -317,3 +318,21 @@ def test_insecure_allows_plaintext_on_a_pod_address(gateway: GatewayProcess) -> 
         with Client(gw.target, timeout=60) as client:
             assert client.remove(JPEG).width == 451
         assert "serving plaintext on 0.0.0.0" in gw.log_text()
+
+
+@pytest.mark.slow
+def test_client_certificates_alone_authenticate_on_a_pod_address(gateway: GatewayProcess, pki: Pki) -> None:
+    """Mutual TLS without API keys: the certificate is the credential, and its subject names the
+    caller in the access log."""
+    tls = ("--tls-cert", pki.path("server.pem"), "--tls-key", pki.path("server.key"))
+    with pod_gateway(gateway, *tls, "--tls-client-ca", pki.path("ca.pem")) as gw:
+        with _tls_client(pki, gw.target, "client.pem", "client.key", None) as client:
+            assert client.remove(JPEG).width == 451
+        with (
+            _tls_client(pki, gw.target, "rogue.pem", "rogue.key", None) as client,
+            pytest.raises(BgRemoveError) as caught,
+        ):
+            client.remove(JPEG)
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        time.sleep(0.3)
+        assert "bgremove.access key=cn=client-a peer=" in gw.log_text()

@@ -19,6 +19,7 @@ from bgremove_gateway.decode import SUPPORTED_CONTENT_TYPES
 from bgremove_gateway.drain import drain
 from bgremove_gateway.errors import ServiceError
 from bgremove_gateway.pipeline import Pipeline, Result
+from bgremove_gateway.upload import MAX_CROP_MARGIN
 
 log = logging.getLogger("bgremove.gateway")
 
@@ -134,6 +135,8 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
                 max_unary_bytes=lim.max_unary_bytes,
                 idle_timeout_ms=int(lim.idle_timeout_s * 1000),
                 result_chunk_bytes=lim.result_chunk_bytes,
+                max_output_side=lim.max_output_side,
+                max_crop_margin=MAX_CROP_MARGIN,
             ),
             output_formats=OUTPUT_FORMATS,
             input_content_types=SUPPORTED_CONTENT_TYPES,
