@@ -347,11 +347,16 @@ def test_one_access_line_per_request_with_only_the_agreed_fields(keyed: Keyed) -
     with pytest.raises(grpc.RpcError):
         stream(gw.target, keyed.bearer("logged"), data=JPEG[:2000])  # truncated: INVALID_ARGUMENT
     refused(gw.target, None)  # UNAUTHENTICATED
+    with grpc.insecure_channel(gw.target) as channel:
+        pb_grpc.BackgroundRemovalStub(channel).GetServiceInfo(
+            pb.GetServiceInfoRequest(), metadata=keyed.bearer("logged"), timeout=10
+        )
     expected = [
         ("StreamRemoveBackground", "OK", key_id),
         ("RemoveBackground", "OK", key_id),
         ("StreamRemoveBackground", "INVALID_ARGUMENT", key_id),
         ("StreamRemoveBackground", "UNAUTHENTICATED", "-"),
+        ("GetServiceInfo", "OK", key_id),
     ]
     deadline = time.monotonic() + 5
     while len(access_lines(gw)) < before + len(expected) and time.monotonic() < deadline:
@@ -364,7 +369,8 @@ def test_one_access_line_per_request_with_only_the_agreed_fields(keyed: Keyed) -
         assert re.fullmatch(r"ipv4:127\.0\.0\.1:\d+", fields["peer"])
         assert float(fields["latency_ms"]) >= 0
         assert fields["trace_id"] == "-" or re.fullmatch(r"[0-9a-f]{32}", fields["trace_id"])
-    ok_stream, ok_unary, bad, anonymous = lines
+    ok_stream, ok_unary, bad, anonymous, info = lines
     assert int(ok_stream["bytes_in"]) == len(JPEG) and int(ok_stream["bytes_out"]) > 0
     assert int(ok_unary["bytes_in"]) == len(JPEG) and int(ok_unary["bytes_out"]) > 0
     assert int(bad["bytes_out"]) == 0 and int(anonymous["bytes_in"]) == 0
+    assert int(info["bytes_in"]) == 0 and int(info["bytes_out"]) > 0

@@ -121,11 +121,12 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
     async def GetServiceInfo(
         self, request: pb.GetServiceInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetServiceInfoResponse:
+        access = _Access("GetServiceInfo", context)
         settings = self.pipeline.settings
         lim = settings.limits
         ready = set(self.state.models) if self.state.ready else set()
         served = sorted(set(self.pipeline.models) | ready)
-        return pb.GetServiceInfoResponse(
+        info = pb.GetServiceInfoResponse(
             models=[pb.ModelInfo(name=m, input_size=320, ready=m in ready) for m in served],
             default_model=settings.default_model,
             limits=pb.Limits(
@@ -142,3 +143,6 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
             input_content_types=SUPPORTED_CONTENT_TYPES,
             version=__version__,
         )
+        access.bytes_out = info.ByteSize()
+        access.done()
+        return info
