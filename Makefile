@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 MODELS := model_repository/u2netp/1/model.onnx
 PYTEST_ARGS ?=
 
-.PHONY: run test venv models protos check-protos lint typecheck bench clean
+.PHONY: run test tools venv models protos check-protos lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,12 @@ models: $(MODELS)
 run: models
 	$(BIN)/bgremove serve
 
-test: models
+# The zero-retention test runs the gateway and Triton under strace (Debian's package; CI is root).
+test: models tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+tools:
+	@command -v strace >/dev/null || { apt-get update -qq && apt-get install -y -qq strace >/dev/null; }
 
 protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I protos \

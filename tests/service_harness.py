@@ -148,6 +148,10 @@ class GatewayProcess:
     triton_grpc_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     lines: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=5000))
+    # Where health() asks: the serving port, or a plaintext --health-listen port when TLS is on.
+    health_port: int | None = None
+    # A command that runs the gateway (e.g. strace ... --); proc is then that command's process.
+    prefix: list[str] = field(default_factory=list)
 
     @property
     def target(self) -> str:
@@ -155,6 +159,7 @@ class GatewayProcess:
 
     def start(self) -> None:
         cmd = [
+            *self.prefix,
             BGREMOVE,
             "serve",
             "--listen",
@@ -180,7 +185,7 @@ class GatewayProcess:
 
     def health(self, service: str = "") -> int | None:
         """The health status, or None when the gateway does not answer."""
-        with grpc.insecure_channel(self.target) as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{self.health_port or self.port}") as channel:
             try:
                 resp = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=service), timeout=2

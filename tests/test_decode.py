@@ -169,9 +169,28 @@ def test_decompression_bomb_handling_does_not_depend_on_pillows_global() -> None
     assert before == Image.MAX_IMAGE_PIXELS
 
 
-def test_zero_width_is_refused() -> None:
-    err = refused(png_header_only(0, 10), "image/png")
+def webp_with_size(width: int, height: int) -> bytes:
+    """A real lossy WebP whose key-frame header is patched to claim width x height."""
+    data = bytearray(encoded(Image.new("RGB", (16, 8), "red"), "WEBP"))
+    assert data[12:16] == b"VP8 " and data[23:26] == b"\x9d\x01\x2a"
+    data[26:30] = struct.pack("<HH", width, height)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "size"),
+    [
+        (png_header_only(0, 10), "image/png", "0x10"),
+        (png_header_only(10, 0), "image/png", "10x0"),
+        (jpeg_with_size(0, 16), "image/jpeg", "0x16"),
+        (jpeg_with_size(16, 0), "image/jpeg", "16x0"),
+        (webp_with_size(0, 8), "image/webp", "0x8"),
+    ],
+)
+def test_zero_size_is_named_as_such(data: bytes, content_type: str, size: str) -> None:
+    err = refused(data, content_type)
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.message == f"image declares {size} pixels: width and height must be at least 1"
 
 
 # --- corrupt data --------------------------------------------------------------------------------

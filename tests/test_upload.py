@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import mmap
 import time
 from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -348,3 +350,73 @@ async def test_over_a_real_grpc_stream() -> None:
             assert "idle timeout of 0.3 s" in (caught.value.details() or "")
     finally:
         await server.stop(None)
+
+
+# --- buffers are released at once ---------------------------------------------------------------
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+async def test_cancelling_mid_upload_frees_its_buffer_at_once() -> None:
+    """40 MiB arrive of 48 MiB declared, then the caller goes away: the pages are given back to
+    the OS when the task is cancelled, without waiting for the garbage collector."""
+    limits = Limits(max_upload_bytes=64 << 20, max_chunk_bytes=1 << 20, idle_timeout_s=30)
+    arrived = asyncio.Event()
+    block = bytes(range(256)) * 4096  # 1 MiB
+
+    async def client() -> AsyncIterator[pb.UploadRequest]:
+        yield header(total_size=48 << 20)
+        for _ in range(40):
+            yield pb.UploadRequest(chunk=block)
+        arrived.set()
+        await asyncio.Event().wait()
+
+    before = rss_mib()
+    reading = asyncio.create_task(read_stream_upload(client(), limits))
+    await arrived.wait()
+    await asyncio.sleep(0.05)
+    holding = rss_mib()
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    after = rss_mib()
+    assert holding - before > 35, (before, holding)
+    assert after - before < 8, (before, holding, after)
+
+
+async def test_a_refused_upload_frees_its_buffer_at_once() -> None:
+    limits = Limits(max_upload_bytes=64 << 20, max_chunk_bytes=1 << 20, idle_timeout_s=30)
+    block = b"\x07" * (1 << 20)
+    messages = [header(total_size=40 << 20), *[pb.UploadRequest(chunk=block)] * 39, header()]
+    before = rss_mib()
+    with pytest.raises(ServiceError) as caught:
+        await read_stream_upload(stream(messages), limits)
+    assert "second header" in caught.value.message
+    assert rss_mib() - before < 8
+
+
+async def test_close_releases_a_streamed_upload() -> None:
+    upload = await read_stream_upload(stream([header(), *chunks(PAYLOAD)]), LIMITS)
+    assert isinstance(upload.data, mmap.mmap) and not upload.data.closed
+    upload.close()
+    assert upload.data.closed
+    upload.close()  # twice is fine
+    unary_upload(pb.RemoveBackgroundRequest(image=b"x", content_type="image/png"), LIMITS).close()
+
+
+async def test_close_while_a_decode_still_reads_is_safe() -> None:
+    """A cancelled call's decode may still run in a worker thread: closing must neither fail nor
+    pull the memory from under it; the map is released when that reader lets go."""
+    upload = await read_stream_upload(stream([header(), *chunks(PAYLOAD)]), LIMITS)
+    assert isinstance(upload.data, mmap.mmap)
+    view = memoryview(upload.data)  # what decode()'s reader holds
+    upload.close()
+    assert bytes(view[:16]) == PAYLOAD[:16]
+    view.release()
+    upload.data.close()
+    assert upload.data.closed

@@ -1,4 +1,4 @@
-"""`bgremove`: serve, triton, prepare-models, remove."""
+"""`bgremove`: serve, triton, prepare-models, remove, keys, bench."""
 
 from __future__ import annotations
 
@@ -20,19 +20,19 @@ from bgremove_gateway.config import (
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    from bgremove_gateway.logs import configure_logging
+
+    configure_logging(level)
 
 
 def _cmd_serve(ns: argparse.Namespace) -> int:
     from bgremove.tracing import configure_tracing, shutdown_tracing
+    from bgremove_gateway.memory import release_large_buffers_promptly
     from bgremove_gateway.server import StartupError, serve
 
     settings = settings_from_args(ns)
     _configure_logging(settings.log_level)
+    release_large_buffers_promptly()
     provider = configure_tracing("bgremove-gateway")
     try:
         return asyncio.run(serve(settings))
@@ -93,6 +93,12 @@ def _cmd_remove(ns: argparse.Namespace) -> int:
     return run(ns)
 
 
+def _cmd_keys(ns: argparse.Namespace) -> int:
+    from bgremove_gateway.keys_cli import run
+
+    return run(ns)
+
+
 def _cmd_bench(ns: argparse.Namespace) -> int:
     from bgremove_gateway.bench import run
 
@@ -131,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("remove", help="remove the background from images through a running service")
     add_remove_arguments(p)
     p.set_defaults(func=_cmd_remove)
+
+    from bgremove_gateway.keys_cli import add_arguments as add_keys_arguments
+
+    p = sub.add_parser("keys", help="add, list or revoke the API keys in a keys file")
+    add_keys_arguments(p)
+    p.set_defaults(func=_cmd_keys)
 
     from bgremove_gateway.bench import add_arguments as add_bench_arguments
 

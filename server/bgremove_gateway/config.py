@@ -51,6 +51,18 @@ class TritonSettings:
 
 
 @dataclass(frozen=True)
+class Security:
+    """Who may connect and how; the rules are in tls.py."""
+
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    insecure: bool = False
+    api_keys_file: Path | None = None
+    health_listen: str | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     listen: str = "127.0.0.1:50051"
     default_model: str = "u2netp"
@@ -60,6 +72,7 @@ class Settings:
     cpu_workers: int = max(2, os.cpu_count() or 2)
     drain_seconds: float = 25.0
     log_level: str = "INFO"
+    security: Security = field(default_factory=Security)
 
 
 def _env(env: Mapping[str, str], name: str, default: str) -> str:
@@ -139,7 +152,41 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
         "--drain-seconds", type=float, default=float(_env(env, "DRAIN_SECONDS", str(s.drain_seconds)))
     )
     parser.add_argument("--log-level", default=_env(env, "LOG_LEVEL", s.log_level))
+    add_security_arguments(parser, env)
     add_triton_arguments(parser, env)
+
+
+def _optional_path(value: str) -> Path | None:
+    return Path(value) if value else None
+
+
+def add_security_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    group = parser.add_argument_group("access control (see README: Auth and TLS)")
+    for flag, name, what in (
+        ("--tls-cert", "TLS_CERT", "PEM server certificate chain"),
+        ("--tls-key", "TLS_KEY", "PEM private key of --tls-cert"),
+        ("--tls-client-ca", "TLS_CLIENT_CA", "PEM CA: require client certificates it signed (mutual TLS)"),
+        ("--api-keys-file", "API_KEYS_FILE", "JSON file of hashed API keys from `bgremove keys`"),
+    ):
+        group.add_argument(
+            flag,
+            type=_optional_path,
+            default=_optional_path(_env(env, name, "")),
+            metavar="FILE",
+            help=f"{what} [BGREMOVE_{name}]",
+        )
+    group.add_argument(
+        "--insecure",
+        action="store_true",
+        default=_env(env, "INSECURE", "").lower() in {"1", "true", "yes"},
+        help="allow plaintext, and calls without a key, on a non-loopback address [BGREMOVE_INSECURE]",
+    )
+    group.add_argument(
+        "--health-listen",
+        default=_env(env, "HEALTH_LISTEN", "") or None,
+        metavar="HOST:PORT",
+        help="extra plaintext listener serving only grpc.health.v1 (for probes) [BGREMOVE_HEALTH_LISTEN]",
+    )
 
 
 def triton_settings_from_args(ns: argparse.Namespace) -> TritonSettings:
@@ -172,4 +219,12 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         cpu_workers=ns.cpu_workers,
         drain_seconds=ns.drain_seconds,
         log_level=ns.log_level.upper(),
+        security=Security(
+            tls_cert=ns.tls_cert,
+            tls_key=ns.tls_key,
+            tls_client_ca=ns.tls_client_ca,
+            insecure=ns.insecure,
+            api_keys_file=ns.api_keys_file,
+            health_listen=ns.health_listen,
+        ),
     )

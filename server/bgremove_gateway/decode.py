@@ -16,6 +16,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 from bgremove_gateway.config import Limits
+from bgremove_gateway.dimensions import declared_size
 from bgremove_gateway.errors import ServiceError, invalid, too_large
 
 if TYPE_CHECKING:
@@ -183,6 +184,12 @@ def decode(data: BufferLike, declared_content_type: str, limits: Limits) -> Deco
     if len(data) == 0:
         raise invalid("image", "data is not an image: it is empty")
     content_type = _check_type(data, normalise_content_type(declared_content_type))
+    declared = declared_size(data, content_type)
+    if declared is not None and 0 in declared:
+        raise invalid(
+            "image",
+            f"image declares {declared[0]}x{declared[1]} pixels: width and height must be at least 1",
+        )
     try:
         with _BufferReader(data) as reader:
             try:
@@ -190,7 +197,7 @@ def decode(data: BufferLike, declared_content_type: str, limits: Limits) -> Deco
             except Exception as exc:
                 raise _corrupt() from exc
             with source:
-                # Pillow's plugins refuse a zero width or height while reading the header.
+                # A zero width or height was refused above from the header bytes.
                 width, height = source.size
                 if width * height > limits.max_pixels:
                     raise too_large(

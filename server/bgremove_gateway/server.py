@@ -16,10 +16,12 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from bgremove.tracing import otlp_traces_url
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
+from bgremove_gateway.auth import RELOAD_INTERVAL_S, AccessControl, KeyStore
 from bgremove_gateway.config import Settings
 from bgremove_gateway.infer import TritonInference
 from bgremove_gateway.pipeline import Pipeline
 from bgremove_gateway.servicer import BackgroundRemovalServicer, ServingState
+from bgremove_gateway.tls import ListenerError, listener
 from bgremove_gateway.triton_process import EmbeddedTriton, TritonStartError
 
 log = logging.getLogger("bgremove.gateway")
@@ -45,6 +47,27 @@ def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    port: int
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen on {address}: address in use or not available ({exc})") from None
+    if port == 0:
+        raise StartupError(f"cannot listen on {address}: address in use or not available")
+    return port
+
+
+async def _reload_keys(keys: KeyStore, access_control: AccessControl) -> None:
+    while True:
+        await asyncio.sleep(RELOAD_INTERVAL_S)
+        if keys.reload_if_changed():
+            access_control.admission.forget(keys.ids)
+
+
 class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -56,8 +79,10 @@ class Gateway:
             max_workers=settings.cpu_workers, thread_name_prefix="bgremove-cpu"
         )
         self.server: grpc.aio.Server | None = None
+        self.health_server: grpc.aio.Server | None = None
         self.port = 0
         self._monitor: asyncio.Task[None] | None = None
+        self._key_reloader: asyncio.Task[None] | None = None
 
     async def _set_health(self, serving: bool) -> None:
         status = (
@@ -75,18 +100,24 @@ class Gateway:
                 filters.service_prefix("grpc.reflection"),
             )
         )
-        server = grpc.aio.server(
-            interceptors=[aio_server_interceptor(filter_=tracing_filter)], options=_grpc_options(s)
-        )
         try:
-            self.port = server.add_insecure_port(s.listen)
-        except RuntimeError as exc:
-            raise StartupError(
-                f"cannot listen on {s.listen}: address in use or not available ({exc})"
-            ) from None
-        if self.port == 0:
-            raise StartupError(f"cannot listen on {s.listen}: address in use or not available")
+            security = listener(s.listen, s.security)
+        except ListenerError as exc:
+            raise StartupError(str(exc)) from None
+        access_control = AccessControl(security.policy)
+        server = grpc.aio.server(
+            interceptors=[aio_server_interceptor(filter_=tracing_filter), access_control],
+            options=_grpc_options(s),
+        )
+        self.port = _bind(server, s.listen, security.credentials)
         self.server = server
+        if s.security.health_listen is not None:
+            # Plaintext and nothing but grpc.health.v1: the kubelet's gRPC probe cannot do TLS.
+            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            _bind(self.health_server, s.security.health_listen, None)
+        if security.policy.keys is not None:
+            self._key_reloader = asyncio.create_task(_reload_keys(security.policy.keys, access_control))
 
         triton_url = s.triton.urls[0] if s.triton.urls else None
         if triton_url is None:
@@ -103,6 +134,8 @@ class Gateway:
         )
         await self._set_health(False)
         await server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         log.info("listening on %s (NOT_SERVING until the model is ready)", s.listen)
 
         if self.triton is not None:
@@ -140,8 +173,12 @@ class Gateway:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
+        if self._key_reloader is not None:
+            self._key_reloader.cancel()
         if self.server is not None:
             await self.server.stop(self.settings.drain_seconds)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         if self.inference is not None:
             await self.inference.close()
         if self.triton is not None:

@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import NoReturn
 
 import grpc
 from grpc_status import rpc_status
-from opentelemetry import trace
 
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
 from bgremove_gateway import __version__
+from bgremove_gateway.access import Access as _Access
 from bgremove_gateway.decode import SUPPORTED_CONTENT_TYPES
+from bgremove_gateway.drain import drain
 from bgremove_gateway.errors import ServiceError
 from bgremove_gateway.pipeline import Pipeline, Result
+from bgremove_gateway.upload import MAX_CROP_MARGIN
 
 log = logging.getLogger("bgremove.gateway")
-access_log = logging.getLogger("bgremove.access")
 
 OUTPUT_FORMATS = (
     pb.OUTPUT_FORMAT_PNG,
@@ -43,31 +43,6 @@ async def abort(context: grpc.aio.ServicerContext, err: ServiceError) -> NoRetur
     status = rpc_status.to_status(err.to_rpc_status())
     await context.abort(status.code, status.details, status.trailing_metadata)
     raise AssertionError("unreachable: abort raises")
-
-
-@dataclass
-class _Access:
-    """One access-log line per request; only sizes, status and timing: never content or names."""
-
-    method: str
-    context: grpc.aio.ServicerContext
-    started: float = field(default_factory=time.perf_counter)
-    bytes_in: int = 0
-    bytes_out: int = 0
-    code: grpc.StatusCode = grpc.StatusCode.OK
-
-    def done(self) -> None:
-        span_ctx = trace.get_current_span().get_span_context()
-        access_log.info(
-            "method=%s status=%s peer=%s bytes_in=%d bytes_out=%d latency_ms=%.1f trace_id=%s",
-            self.method,
-            self.code.name,
-            self.context.peer(),
-            self.bytes_in,
-            self.bytes_out,
-            (time.perf_counter() - self.started) * 1000,
-            format(span_ctx.trace_id, "032x") if span_ctx.is_valid else "-",
-        )
 
 
 class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
@@ -120,9 +95,19 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
             else:
                 upload = await self.pipeline.receive(source)
             access.bytes_in = len(upload.data)
-            return await self.pipeline.run(upload, timeout_s=context.time_remaining())
+            try:
+                return await self.pipeline.run(upload, timeout_s=context.time_remaining())
+            finally:
+                upload.close()  # now, on success, failure or cancellation: not when collected
         except ServiceError as err:
             access.code = err.code
+            # A client still sending must see this status, not INTERNAL (see drain.py); a stalled one
+            # is not sending.
+            if (
+                not isinstance(source, pb.RemoveBackgroundRequest)
+                and err.code != grpc.StatusCode.DEADLINE_EXCEEDED
+            ):
+                await drain(source)
             await abort(context, err)
         except asyncio.CancelledError:
             # The caller cancelled or its deadline passed; gRPC already told it so.
@@ -136,11 +121,12 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
     async def GetServiceInfo(
         self, request: pb.GetServiceInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetServiceInfoResponse:
+        access = _Access("GetServiceInfo", context)
         settings = self.pipeline.settings
         lim = settings.limits
         ready = set(self.state.models) if self.state.ready else set()
         served = sorted(set(self.pipeline.models) | ready)
-        return pb.GetServiceInfoResponse(
+        info = pb.GetServiceInfoResponse(
             models=[pb.ModelInfo(name=m, input_size=320, ready=m in ready) for m in served],
             default_model=settings.default_model,
             limits=pb.Limits(
@@ -150,8 +136,13 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
                 max_unary_bytes=lim.max_unary_bytes,
                 idle_timeout_ms=int(lim.idle_timeout_s * 1000),
                 result_chunk_bytes=lim.result_chunk_bytes,
+                max_output_side=lim.max_output_side,
+                max_crop_margin=MAX_CROP_MARGIN,
             ),
             output_formats=OUTPUT_FORMATS,
             input_content_types=SUPPORTED_CONTENT_TYPES,
             version=__version__,
         )
+        access.bytes_out = info.ByteSize()
+        access.done()
+        return info

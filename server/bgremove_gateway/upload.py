@@ -7,6 +7,7 @@ allows: an oversize declaration before any chunk is read, an overrun as soon as 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import mmap
 from collections.abc import AsyncIterator, Sequence
@@ -31,6 +32,14 @@ class Upload:
     data: bytes | mmap.mmap
     content_type: str
     options: pb.Options
+
+    def close(self) -> None:
+        """Returns a streamed upload's pages to the OS now. A decode still running in a worker
+        thread (its caller cancelled) holds a view of the map: then the map is released when that
+        view is, a moment later, instead of now."""
+        if isinstance(self.data, mmap.mmap):
+            with contextlib.suppress(BufferError):
+                self.data.close()
 
 
 def _supported() -> str:

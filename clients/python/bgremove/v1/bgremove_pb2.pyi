@@ -139,20 +139,24 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., input_size: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_upload_bytes", "max_chunk_bytes", "max_pixels", "max_unary_bytes", "idle_timeout_ms", "result_chunk_bytes")
+    __slots__ = ("max_upload_bytes", "max_chunk_bytes", "max_pixels", "max_unary_bytes", "idle_timeout_ms", "result_chunk_bytes", "max_output_side", "max_crop_margin")
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_UNARY_BYTES_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     RESULT_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_SIDE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CROP_MARGIN_FIELD_NUMBER: _ClassVar[int]
     max_upload_bytes: int
     max_chunk_bytes: int
     max_pixels: int
     max_unary_bytes: int
     idle_timeout_ms: int
     result_chunk_bytes: int
-    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_unary_bytes: _Optional[int] = ..., idle_timeout_ms: _Optional[int] = ..., result_chunk_bytes: _Optional[int] = ...) -> None: ...
+    max_output_side: int
+    max_crop_margin: int
+    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_unary_bytes: _Optional[int] = ..., idle_timeout_ms: _Optional[int] = ..., result_chunk_bytes: _Optional[int] = ..., max_output_side: _Optional[int] = ..., max_crop_margin: _Optional[int] = ...) -> None: ...
 
 class GetServiceInfoResponse(_message.Message):
     __slots__ = ("models", "default_model", "limits", "output_formats", "input_content_types", "version")
