@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 MiB = 1024 * 1024
@@ -44,6 +44,8 @@ class TritonSettings:
     model_config_name: str = "cpu"
     startup_timeout_s: float = 180.0
     infer_timeout_s: float = 60.0
+    # How often a --triton-url that is a DNS name (a headless Service) is resolved again.
+    resolve_interval_s: float = 10.0
 
     @property
     def embedded(self) -> bool:
@@ -60,6 +62,10 @@ class Settings:
     cpu_workers: int = max(2, os.cpu_count() or 2)
     drain_seconds: float = 25.0
     log_level: str = "INFO"
+    # Admission: uploads plus decoded pixels held at once, and open RemoveBackground calls. 1.5 GiB
+    # fits the largest default image (64 MP as a PNG cut-out) inside the chart's 2 GiB pod limit.
+    memory_budget_bytes: int = 1536 * MiB
+    max_concurrent_streams: int = 64
 
 
 def _env(env: Mapping[str, str], name: str, default: str) -> str:
@@ -139,6 +145,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
         "--drain-seconds", type=float, default=float(_env(env, "DRAIN_SECONDS", str(s.drain_seconds)))
     )
     parser.add_argument("--log-level", default=_env(env, "LOG_LEVEL", s.log_level))
+    parser.add_argument(
+        "--memory-budget-bytes",
+        type=int,
+        default=int(_env(env, "MEMORY_BUDGET_BYTES", str(s.memory_budget_bytes))),
+        help="uploads plus decoded images held at once; above it new calls get RESOURCE_EXHAUSTED "
+        "[BGREMOVE_MEMORY_BUDGET_BYTES]",
+    )
+    parser.add_argument(
+        "--max-concurrent-streams",
+        type=int,
+        default=int(_env(env, "MAX_CONCURRENT_STREAMS", str(s.max_concurrent_streams))),
+        help="open RemoveBackground/StreamRemoveBackground calls at once [BGREMOVE_MAX_CONCURRENT_STREAMS]",
+    )
+    parser.add_argument(
+        "--triton-resolve-interval",
+        type=float,
+        default=float(_env(env, "TRITON_RESOLVE_INTERVAL", str(TritonSettings().resolve_interval_s))),
+        help="seconds between DNS lookups of a --triton-url name [BGREMOVE_TRITON_RESOLVE_INTERVAL]",
+    )
     add_triton_arguments(parser, env)
 
 
@@ -168,8 +193,10 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         listen=ns.listen,
         default_model=ns.default_model,
         limits=limits,
-        triton=triton_settings_from_args(ns),
+        triton=replace(triton_settings_from_args(ns), resolve_interval_s=ns.triton_resolve_interval),
         cpu_workers=ns.cpu_workers,
         drain_seconds=ns.drain_seconds,
         log_level=ns.log_level.upper(),
+        memory_budget_bytes=ns.memory_budget_bytes,
+        max_concurrent_streams=ns.max_concurrent_streams,
     )
