@@ -25,6 +25,7 @@ EWMA_WEIGHT = 0.2
 INITIAL_LATENCY_S = 0.2
 # How much a replica's recent error rate inflates its score (at 100% errors: 5x the cost).
 ERROR_PENALTY = 4.0
+NOT_PROBED = "not probed yet"
 
 
 @dataclass
@@ -38,7 +39,7 @@ class ReplicaState:
     # A replica is out until its first probe passes: nothing is sent to an endpoint never seen up.
     ejected: bool = True
     ejected_until: float = 0.0
-    reason: str = "not probed yet"
+    reason: str = NOT_PROBED
     ejections: int = 0  # consecutive ejections with no successful call in between
     consecutive_failures: int = 0
     retiring: bool = False  # gone from DNS: finishes its in-flight calls, gets no new ones
@@ -90,7 +91,10 @@ class ReplicaState:
             if not self.ejected:
                 self.eject(f"health check failed: {error}", now)
                 return "ejected"
-            self.reason = f"health check failed: {error}"
+            if self.reason == NOT_PROBED:
+                self.reason = f"health check failed: {error}"
+            # Otherwise the reason stays what ejected it (e.g. "killed by signal 9"), which says
+            # more than the "connection refused" every probe of a dead replica gets.
             return None
         self.ready_models = frozenset(models)
         if self.ejected and now >= self.ejected_until:
