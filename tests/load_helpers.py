@@ -37,7 +37,7 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return self.code == grpc.StatusCode.OK
+        return bool(self.code == grpc.StatusCode.OK)
 
     def mask(self) -> npt.NDArray[np.uint8]:
         return np.asarray(Image.open(io.BytesIO(self.body)))

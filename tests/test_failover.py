@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 import pytest
 import pytest_asyncio
 import tritonclient.grpc.aio as triton_aio
@@ -101,18 +102,18 @@ def pooled_gateway(tritons: list[EmbeddedTriton]) -> Any:
 
 
 @pytest.fixture(scope="module")
-def references() -> list[np.ndarray]:
+def references() -> list[npt.NDArray[np.uint8]]:
     return [reference_mask(Image.open(io.BytesIO(p))) for p in PHOTOS]
 
 
-def assert_correct(mask: np.ndarray, reference: np.ndarray) -> None:
+def assert_correct(mask: npt.NDArray[np.uint8], reference: npt.NDArray[np.uint8]) -> None:
     assert mask.shape == reference.shape
     assert iou(mask >= 128, reference >= 128) >= 0.97
     assert np.abs(mask.astype(int) - reference.astype(int)).mean() <= 3
 
 
 async def test_sigkill_of_one_replica_under_load_loses_no_request(
-    pooled_gateway: GatewayProcess, tritons: list[EmbeddedTriton], references: list[np.ndarray]
+    pooled_gateway: GatewayProcess, tritons: list[EmbeddedTriton], references: list[npt.NDArray[np.uint8]]
 ) -> None:
     victim, survivor = tritons
     victim_pid = victim.pid
@@ -150,7 +151,7 @@ async def test_sigkill_of_one_replica_under_load_loses_no_request(
 
 
 async def test_all_replicas_down_fails_fast_then_recovers_without_restart(
-    pooled_gateway: GatewayProcess, tritons: list[EmbeddedTriton], references: list[np.ndarray]
+    pooled_gateway: GatewayProcess, tritons: list[EmbeddedTriton], references: list[npt.NDArray[np.uint8]]
 ) -> None:
     first, second = tritons
     if first.running:  # alone, without the test above

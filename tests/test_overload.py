@@ -119,7 +119,8 @@ def test_overload_at_several_times_capacity_refuses_with_a_status_and_bounds_mem
         )
         assert out.returncode in (0, 1), out.stderr
         report: dict[str, Any] = json.loads(out.stdout)
-        return report["runs"][0]
+        run: dict[str, Any] = report["runs"][0]
+        return run
 
     warm = bench(2, 4)  # the allocator's arenas and the encoders' first use
     assert warm["statuses"] == {"OK": 4}
