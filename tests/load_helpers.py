@@ -9,6 +9,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,7 @@ class Outcome:
         return np.asarray(Image.open(io.BytesIO(self.body)))
 
 
-def _retry_after(exc: grpc.aio.AioRpcError) -> float | None:
+def _retry_after(exc: grpc.RpcError) -> float | None:
     status = rpc_status.from_call(exc)  # type: ignore[arg-type]
     for detail in status.details if status is not None else []:
         if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
@@ -51,6 +52,33 @@ def _retry_after(exc: grpc.aio.AioRpcError) -> float | None:
             detail.Unpack(info)
             return float(info.retry_delay.ToNanoseconds() / 1e9)
     return None
+
+
+# Blocking gRPC on threads, not grpc.aio: when the server refuses a stream before the client has
+# sent all of it (overload, not ready), grpc.aio can report INTERNAL "Internal error from Core"
+# in place of the server's status (grpc/grpc#36066); these tests assert the exact status.
+_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="load")
+
+
+def _remove_blocking(
+    stub: pb_grpc.BackgroundRemovalStub,
+    messages: Iterator[pb.UploadRequest],
+    timeout: float,
+) -> Outcome:
+    started = time.monotonic()
+    header: pb.ResultHeader | None = None
+    parts: list[bytes] = []
+    try:
+        for msg in stub.StreamRemoveBackground(messages, timeout=timeout):
+            if msg.HasField("header"):
+                header = msg.header
+            else:
+                parts.append(msg.chunk)
+    except grpc.RpcError as exc:
+        code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
+        details: str = exc.details() or ""  # type: ignore[attr-defined]
+        return Outcome(code, details, _retry_after(exc), None, b"", time.monotonic() - started)
+    return Outcome(grpc.StatusCode.OK, "", None, header, b"".join(parts), time.monotonic() - started)
 
 
 async def remove(
@@ -61,24 +89,10 @@ async def remove(
     messages: Iterator[pb.UploadRequest] | None = None,
     timeout: float = 120.0,
 ) -> Outcome:
-    """One StreamRemoveBackground; never raises for a gRPC status, returns it."""
-    started = time.monotonic()
-    header: pb.ResultHeader | None = None
-    parts: list[bytes] = []
-    call = stub.StreamRemoveBackground(
-        messages if messages is not None else upload_messages(data, "image/jpeg", options), timeout=timeout
-    )
-    try:
-        async for msg in call:
-            if msg.HasField("header"):
-                header = msg.header
-            else:
-                parts.append(msg.chunk)
-    except grpc.aio.AioRpcError as exc:
-        return Outcome(
-            exc.code(), exc.details() or "", _retry_after(exc), None, b"", time.monotonic() - started
-        )
-    return Outcome(grpc.StatusCode.OK, "", None, header, b"".join(parts), time.monotonic() - started)
+    """One StreamRemoveBackground on a blocking stub (grpc.insecure_channel), run on a thread;
+    never raises for a gRPC status, returns it."""
+    upload = messages if messages is not None else upload_messages(data, "image/jpeg", options)
+    return await asyncio.get_running_loop().run_in_executor(_THREADS, _remove_blocking, stub, upload, timeout)
 
 
 async def drive(requests: int, concurrency: int, call: Callable[[int], Awaitable[Outcome]]) -> list[Outcome]:

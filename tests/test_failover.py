@@ -121,7 +121,7 @@ async def test_sigkill_of_one_replica_under_load_loses_no_request(
     done = 0
     killed_at: int | None = None
 
-    async with grpc.aio.insecure_channel(pooled_gateway.target) as channel:
+    with grpc.insecure_channel(pooled_gateway.target) as channel:
         stub = pb_grpc.BackgroundRemovalStub(channel)
 
         async def call(i: int) -> Any:
@@ -162,7 +162,7 @@ async def test_all_replicas_down_fails_fast_then_recovers_without_restart(
     await second.stop()
     to_not_serving = await wait_health(pooled_gateway, NOT_SERVING, 10)
 
-    async with grpc.aio.insecure_channel(pooled_gateway.target) as channel:
+    with grpc.insecure_channel(pooled_gateway.target) as channel:
         stub = pb_grpc.BackgroundRemovalStub(channel)
         outcomes = await asyncio.gather(*(remove(stub, PHOTOS[0]) for _ in range(8)))
         assert codes(outcomes) == {"UNAVAILABLE": 8}
@@ -196,7 +196,7 @@ async def test_killed_embedded_triton_is_restarted_and_serves_again() -> None:
         await asyncio.to_thread(gw.wait_serving, 120)
         assert gw.proc is not None
         (triton_pid,) = children(gw.proc.pid, "tritonserver")
-        async with grpc.aio.insecure_channel(gw.target) as channel:
+        with grpc.insecure_channel(gw.target) as channel:
             stub = pb_grpc.BackgroundRemovalStub(channel)
             assert (await remove(stub, PHOTOS[2])).ok
 

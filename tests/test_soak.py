@@ -77,7 +77,7 @@ async def _unary(stub: pb_grpc.BackgroundRemovalStub) -> Outcome:
 
 
 def _mix(
-    stub: pb_grpc.BackgroundRemovalStub,
+    stub: pb_grpc.BackgroundRemovalStub, aio_stub: pb_grpc.BackgroundRemovalStub
 ) -> list[tuple[str, grpc.StatusCode, Callable[[], Awaitable[Outcome]]]]:
     """One round of the mix: three of its twenty-four calls reach Triton (the slow part on a CPU)."""
     ok, invalid = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
@@ -86,7 +86,7 @@ def _mix(
         ("corrupt", invalid, lambda: remove(stub, CORRUPT)),
         ("checksum", invalid, lambda: remove(stub, PHOTO, messages=_bad_checksum())),
         ("over-limit", too_large, lambda: remove(stub, b"", messages=_over_limit_header())),
-        ("cancel", cancelled, lambda: _cancel_mid_upload(stub)),
+        ("cancel", cancelled, lambda: _cancel_mid_upload(aio_stub)),
         ("corrupt", invalid, lambda: remove(stub, CORRUPT)),
         ("checksum", invalid, lambda: remove(stub, PHOTO, messages=_bad_checksum())),
         ("over-limit", too_large, lambda: remove(stub, b"", messages=_over_limit_header())),
@@ -94,7 +94,7 @@ def _mix(
     return [
         ("stream", ok, lambda: remove(stub, PHOTO)),
         *cheap,
-        ("unary", ok, lambda: _unary(stub)),
+        ("unary", ok, lambda: _unary(aio_stub)),
         *cheap,
         ("deadline", grpc.StatusCode.DEADLINE_EXCEEDED, lambda: remove(stub, PHOTO, timeout=0.05)),
         *cheap,
@@ -108,9 +108,10 @@ async def test_soak_thousands_of_calls_without_growth() -> None:
         await asyncio.to_thread(gw.wait_serving, 120)
         assert gw.proc is not None
         pid = gw.proc.pid
-        async with grpc.aio.insecure_channel(gw.target) as channel:
-            stub = pb_grpc.BackgroundRemovalStub(channel)
-            mix = _mix(stub)
+        # Streams on a blocking channel (see load_helpers); cancel and unary calls on an aio one.
+        with grpc.insecure_channel(gw.target) as channel:
+            aio_channel = grpc.aio.insecure_channel(gw.target)
+            mix = _mix(pb_grpc.BackgroundRemovalStub(channel), pb_grpc.BackgroundRemovalStub(aio_channel))
             seen: Counter[tuple[str, str]] = Counter()
 
             async def call(i: int) -> Outcome:
@@ -136,6 +137,7 @@ async def test_soak_thousands_of_calls_without_growth() -> None:
             await asyncio.sleep(1.0)
             rss_end, fds_end = rss_bytes(pid), open_fds(pid)
             elapsed = time.monotonic() - started
+            await aio_channel.close()
         assert sum(seen.values()) == WARM_UP + SOAK
         trend = ", ".join(f"{r / MiB:.1f}" for r in series)
         assert rss_end - rss_warm <= RSS_GROWTH, trend

@@ -134,7 +134,7 @@ class TritonPool:
         elif down:
             summary += "; down: " + ", ".join(down)
         status = PoolStatus(bool(serving), tuple(models), summary)
-        if (status.ready, status.models) != (self._status.ready, self._status.models):
+        if status != self._status:
             self.changed.set()
         self._status = status
 
