@@ -24,9 +24,9 @@ from skimage import data as skdata
 
 from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
 from bgremove_gateway.config import TritonSettings
-from bgremove_gateway.triton_process import EmbeddedTriton
+from bgremove_gateway.triton_process import EmbeddedTriton, _alive, _child_pids
 from e2e_helpers import iou, reference_mask
-from load_helpers import children, codes, drive, remove, small_jpeg
+from load_helpers import children, codes, drive, open_fds, remove, small_jpeg
 from service_harness import GatewayProcess, free_port
 
 pytestmark = pytest.mark.slow
@@ -200,6 +200,9 @@ async def test_killed_embedded_triton_is_restarted_and_serves_again() -> None:
             stub = pb_grpc.BackgroundRemovalStub(channel)
             assert (await remove(stub, PHOTOS[2])).ok
 
+            stubs = _child_pids(triton_pid)
+            assert stubs, "the Python backend runs the model in stub processes"
+            fds_before = open_fds(gw.proc.pid)
             os.kill(triton_pid, signal.SIGKILL)
             killed = time.monotonic()
             to_not_serving = await wait_health(gw, NOT_SERVING, 10)
@@ -213,6 +216,10 @@ async def test_killed_embedded_triton_is_restarted_and_serves_again() -> None:
             assert outcome.ok, outcome.details
         (restarted,) = children(gw.proc.pid, "tritonserver")
         assert restarted != triton_pid
+        # The dead Triton's stubs were killed with it and its output pipe closed: nothing leaks
+        # per crash.
+        assert not [p for p in stubs if _alive(p)]
+        assert open_fds(gw.proc.pid) <= fds_before + 2
         assert "embedded Triton restarted (restart 1)" in gw.log_text()
         print(
             f"embedded Triton killed: NOT_SERVING after {to_not_serving:.2f} s, "
