@@ -79,47 +79,57 @@ def test_triton_down_fails_fast_with_unavailable() -> None:
 
 
 def test_sigterm_finishes_in_flight_streams_and_refuses_new(gateway: GatewayProcess) -> None:
-    """A second gateway over the session's Triton: SIGTERM mid-upload, the uploads still complete."""
+    """A second gateway over the session's Triton: SIGTERM with 20 uploads half sent; all 20 still
+    complete, while health turns NOT_SERVING and new calls are refused."""
     gw = GatewayProcess(
-        args=["--triton-url", f"127.0.0.1:{gateway.triton_grpc_port}", "--drain-seconds", "30"]
+        args=["--triton-url", f"127.0.0.1:{gateway.triton_grpc_port}", "--drain-seconds", "90"]
     )
     gw.start()
     gw.wait_serving(60)
     jpeg = jpeg_bytes(skdata.chelsea())
     released = threading.Event()
+    started = threading.Semaphore(0)
     results: list[object] = []
 
     def held_upload():  # type: ignore[no-untyped-def]
         msgs = list(upload_messages(jpeg, "image/jpeg", chunk=8192))
-        yield msgs[0]
-        released.wait(30)
-        yield from msgs[1:]
+        yield from msgs[:2]
+        started.release()
+        released.wait(60)
+        yield from msgs[2:]
 
     def client() -> None:
         with grpc.insecure_channel(gw.target) as channel:
             try:
                 got = list(
-                    pb_grpc.BackgroundRemovalStub(channel).StreamRemoveBackground(held_upload(), timeout=90)
+                    pb_grpc.BackgroundRemovalStub(channel).StreamRemoveBackground(held_upload(), timeout=180)
                 )
                 results.append(got[0].header.width)
             except grpc.RpcError as exc:
                 results.append(exc.code())
 
-    threads = [threading.Thread(target=client) for _ in range(4)]
+    threads = [threading.Thread(target=client) for _ in range(20)]
     for t in threads:
         t.start()
-    time.sleep(1.5)
+    for _ in threads:
+        assert started.acquire(timeout=30)
+    time.sleep(0.5)  # the second chunk reaches the gateway
     assert gw.proc is not None
     gw.proc.send_signal(15)
     time.sleep(1.0)
     assert gw.health() in (health_pb2.HealthCheckResponse.NOT_SERVING, None)
-    with grpc.insecure_channel(gw.target) as channel, pytest.raises(grpc.RpcError) as err:
-        pb_grpc.BackgroundRemovalStub(channel).GetServiceInfo(pb.GetServiceInfoRequest(), timeout=5)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    with grpc.insecure_channel(gw.target) as channel:
+        stub = pb_grpc.BackgroundRemovalStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetServiceInfo(pb.GetServiceInfoRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.StreamRemoveBackground(upload_messages(jpeg, "image/jpeg"), timeout=5))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     released.set()
     for t in threads:
-        t.join(60)
-    assert results == [451] * 4
+        t.join(120)
+    assert results == [451] * 20
     assert gw.proc.wait(60) == 0
     # The shared Triton is untouched.
     assert stream_remove(gateway.target, jpeg)[0].width == 451

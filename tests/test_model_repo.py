@@ -319,7 +319,12 @@ def test_config_agrees_with_the_serving_graph(path: Path, serving_graph: onnx.Mo
     assert config.HasField("dynamic_batching") and batching.preferred_batch_size
     assert max(batching.preferred_batch_size) <= config.max_batch_size
     assert 0 < batching.max_queue_delay_microseconds <= 10_000
-    assert batching.default_queue_policy.max_queue_size >= config.max_batch_size
+    policy = batching.default_queue_policy
+    assert policy.max_queue_size >= config.max_batch_size
+    # Overload fails fast: a bounded queue, and queued work dropped once its caller's deadline passed.
+    assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
+    assert 0 < policy.default_timeout_microseconds <= 60_000_000
+    assert policy.allow_timeout_override
 
     assert config.model_warmup
     for warmup in config.model_warmup:

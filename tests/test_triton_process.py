@@ -321,6 +321,25 @@ async def test_stop_kills_a_triton_that_ignores_sigterm(prepared_repo: Path, tmp
     await server.stop()  # idempotent
 
 
+async def test_stop_after_triton_was_killed_also_kills_its_orphaned_stubs(
+    prepared_repo: Path, tmp_path: Path
+) -> None:
+    """SIGKILL reaches tritonserver alone; its stubs, no longer its children, still hold the output
+    pipe. stop() (which a restart runs first) finds them by process group and ends them at once."""
+    server = EmbeddedTriton(settings(copy_repo(prepared_repo, tmp_path / "models")))
+    await server.start()
+    pid = server.pid
+    assert pid is not None
+    stubs = _child_pids(pid)
+    assert stubs
+    os.kill(pid, signal.SIGKILL)
+    assert await server.wait() == -signal.SIGKILL
+    started = time.monotonic()
+    await server.stop()
+    assert not [p for p in stubs if _alive(p)]
+    assert time.monotonic() - started < 1.5, "the output pipe closed without waiting for the stubs"
+
+
 _ORPHAN_SCRIPT = """
 import asyncio, sys
 from pathlib import Path

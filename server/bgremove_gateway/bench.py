@@ -19,6 +19,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,24 +43,55 @@ FORMATS = {
 }
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """One call's gRPC status name ("OK", "RESOURCE_EXHAUSTED", ...) and whether a refusal
+    carried a retry hint (google.rpc.RetryInfo)."""
+
+    status: str
+    retry_hinted: bool = False
+
+
+OK = Outcome("OK")
+
+
 @dataclass
 class RunStats:
     name: str
     concurrency: int
     requests: int
     wall_s: float
+    # Latencies of successful calls only: fast refusals would otherwise flatter the percentiles.
     latencies_ms: list[float] = field(default_factory=list, repr=False)
+    error_latencies_ms: list[float] = field(default_factory=list, repr=False)
     statuses: Counter[str] = field(default_factory=Counter)
+    retry_hinted: int = 0
+
+    def record(self, outcome: Outcome, latency_ms: float) -> None:
+        self.statuses[outcome.status] += 1
+        if outcome.status == "OK":
+            self.latencies_ms.append(latency_ms)
+        else:
+            self.error_latencies_ms.append(latency_ms)
+            self.retry_hinted += outcome.retry_hinted
+
+    @property
+    def ok(self) -> int:
+        return self.statuses.get("OK", 0)
+
+    @property
+    def errors(self) -> int:
+        return sum(self.statuses.values()) - self.ok
 
     @property
     def throughput(self) -> float:
-        ok = self.statuses.get("OK", 0)
-        return ok / self.wall_s if self.wall_s > 0 else 0.0
+        return self.ok / self.wall_s if self.wall_s > 0 else 0.0
 
-    def percentile(self, q: float) -> float:
-        if not self.latencies_ms:
+    def percentile(self, q: float, errors: bool = False) -> float:
+        values = self.error_latencies_ms if errors else self.latencies_ms
+        if not values:
             return float("nan")
-        return float(np.percentile(self.latencies_ms, q))
+        return float(np.percentile(values, q))
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -67,12 +99,18 @@ class RunStats:
             "concurrency": self.concurrency,
             "requests": self.requests,
             "wall_s": round(self.wall_s, 3),
+            "ok": self.ok,
+            "errors": self.errors,
             "throughput_per_s": round(self.throughput, 3),
             "p50_ms": round(self.percentile(50), 1),
             "p95_ms": round(self.percentile(95), 1),
             "p99_ms": round(self.percentile(99), 1),
             "mean_ms": round(statistics.fmean(self.latencies_ms), 1) if self.latencies_ms else None,
-            "statuses": dict(self.statuses),
+            # Every call ends in exactly one status: the counts add up to `requests`.
+            "statuses": dict(sorted(self.statuses.items())),
+            "retry_hinted": self.retry_hinted,
+            "error_p50_ms": round(self.percentile(50, errors=True), 1),
+            "error_p99_ms": round(self.percentile(99, errors=True), 1),
         }
 
 
@@ -106,7 +144,7 @@ def load_photos(paths: Sequence[Path]) -> list[Photo]:
 
 
 async def _drive(
-    name: str, concurrency: int, requests: int, call: Callable[[int], Awaitable[str]]
+    name: str, concurrency: int, requests: int, call: Callable[[int], Awaitable[Outcome]]
 ) -> RunStats:
     stats = RunStats(name, concurrency, requests, 0.0)
     next_index = iter(range(requests))
@@ -114,9 +152,8 @@ async def _drive(
     async def worker() -> None:
         for i in next_index:
             t0 = time.perf_counter()
-            status = await call(i)
-            stats.latencies_ms.append((time.perf_counter() - t0) * 1000)
-            stats.statuses[status] += 1
+            outcome = await call(i)
+            stats.record(outcome, (time.perf_counter() - t0) * 1000)
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -124,38 +161,56 @@ async def _drive(
     return stats
 
 
+def _has_retry_info(exc: grpc.RpcError) -> bool:
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    return status is not None and any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
+
+
 async def bench_service(
     target: str, photos: list[Photo], concurrency: int, requests: int, fmt: int, chunk: int = 256 * 1024
 ) -> RunStats:
-    async with grpc.aio.insecure_channel(
-        target, options=[("grpc.max_receive_message_length", 64 << 20)]
-    ) as ch:
-        stub = pb_grpc.BackgroundRemovalStub(ch)
-
-        async def call(i: int) -> str:
-            photo = photos[i % len(photos)]
-            msgs = [
-                pb.UploadRequest(
-                    header=pb.UploadHeader(
-                        content_type=photo.content_type,
-                        total_size=len(photo.data),
-                        sha256=hashlib.sha256(photo.data).digest(),
-                        options=pb.Options(format=fmt),  # type: ignore[arg-type]
-                    )
+    """Blocking gRPC calls on `concurrency` threads, not grpc.aio: when a server refuses an upload
+    before the client has sent all of it (overload), grpc.aio can report INTERNAL "Internal error
+    from Core" in place of the server's status (grpc/grpc#36066), which would miscount statuses."""
+    uploads = [
+        [
+            pb.UploadRequest(
+                header=pb.UploadHeader(
+                    content_type=photo.content_type,
+                    total_size=len(photo.data),
+                    sha256=hashlib.sha256(photo.data).digest(),
+                    options=pb.Options(format=fmt),  # type: ignore[arg-type]
                 )
-            ]
-            msgs += [
-                pb.UploadRequest(chunk=photo.data[o : o + chunk]) for o in range(0, len(photo.data), chunk)
-            ]
-            try:
-                async for _ in stub.StreamRemoveBackground(iter(msgs), timeout=300):
-                    pass
-            except grpc.aio.AioRpcError as exc:
-                return str(exc.code().name)
-            return "OK"
+            ),
+            *(pb.UploadRequest(chunk=photo.data[o : o + chunk]) for o in range(0, len(photo.data), chunk)),
+        ]
+        for photo in photos
+    ]
+    channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
+    stub = pb_grpc.BackgroundRemovalStub(channel)
 
-        await call(0)  # connection and first-call warm-up, not measured
-        return await _drive("service", concurrency, requests, call)
+    def blocking_call(i: int) -> Outcome:
+        try:
+            for _ in stub.StreamRemoveBackground(iter(uploads[i % len(uploads)]), timeout=300):
+                pass
+        except grpc.RpcError as exc:
+            return Outcome(exc.code().name, _has_retry_info(exc))
+        return OK
+
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="bench") as threads:
+
+        async def call(i: int) -> Outcome:
+            return await loop.run_in_executor(threads, blocking_call, i)
+
+        try:
+            await call(0)  # connection and first-call warm-up, not measured
+            return await _drive("service", concurrency, requests, call)
+        finally:
+            channel.close()
 
 
 async def bench_triton(
@@ -167,12 +222,12 @@ async def bench_triton(
     client = TritonInference(url, timeout_s=300)
     try:
 
-        async def call(i: int) -> str:
+        async def call(i: int) -> Outcome:
             try:
                 await client.infer(model, photos[i % len(photos)].tensor)
             except ServiceError as exc:
-                return str(exc.code.name)
-            return "OK"
+                return Outcome(exc.code.name, exc.retry_after_s is not None)
+            return OK
 
         await call(0)
         return await _drive("triton", concurrency, requests, call)
@@ -196,8 +251,7 @@ def bench_model(repo: Path, model: str, photos: list[Photo], requests: int, thre
     for i in range(requests):
         t0 = time.perf_counter()
         sess.run(None, {name: photos[i % len(photos)].tensor[np.newaxis]})
-        stats.latencies_ms.append((time.perf_counter() - t0) * 1000)
-        stats.statuses["OK"] += 1
+        stats.record(OK, (time.perf_counter() - t0) * 1000)
     stats.wall_s = time.perf_counter() - started
     return stats
 
@@ -245,20 +299,33 @@ def run(ns: argparse.Namespace) -> int:
     if ns.json:
         print(json.dumps(report, indent=2))
     else:
-        cols = (
-            "name",
-            "concurrency",
-            "requests",
-            "throughput_per_s",
-            "p50_ms",
-            "p95_ms",
-            "p99_ms",
-            "statuses",
-        )
-        print(" | ".join(cols))
-        for r in report["runs"]:
-            print(" | ".join(str(r[c]) for c in cols))
-        for k, v in report["ratios"].items():
-            print(f"{k}: {v}")
-    failed = sum(n for s, n in report["runs"][0]["statuses"].items() if s != "OK")
-    return 1 if failed else 0
+        print(format_report(report))
+    return 1 if report["runs"][0]["errors"] else 0
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The text form: one row per run, then every run's outcome counts by gRPC status."""
+    cols = (
+        "name",
+        "concurrency",
+        "requests",
+        "ok",
+        "errors",
+        "throughput_per_s",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+    )
+    lines = [" | ".join(cols)]
+    lines += [" | ".join(str(r[c]) for c in cols) for r in report["runs"]]
+    for r in report["runs"]:
+        counts = ", ".join(f"{status} {n}" for status, n in r["statuses"].items())
+        lines.append(f"{r['name']} statuses: {counts}")
+        if r["errors"]:
+            lines.append(
+                f"{r['name']} errors: {r['errors']} of {r['requests']}, "
+                f"{r['retry_hinted']} with a retry hint, "
+                f"answered in p50 {r['error_p50_ms']} ms / p99 {r['error_p99_ms']} ms"
+            )
+    lines += [f"{k}: {v}" for k, v in report["ratios"].items()]
+    return "\n".join(lines)

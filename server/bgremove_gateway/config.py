@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 MiB = 1024 * 1024
@@ -44,6 +44,8 @@ class TritonSettings:
     model_config_name: str = "cpu"
     startup_timeout_s: float = 180.0
     infer_timeout_s: float = 60.0
+    # How often a --triton-url that is a DNS name (a headless Service) is resolved again.
+    resolve_interval_s: float = 10.0
 
     @property
     def embedded(self) -> bool:
@@ -73,6 +75,10 @@ class Settings:
     drain_seconds: float = 25.0
     log_level: str = "INFO"
     security: Security = field(default_factory=Security)
+    # Admission: uploads plus decoded pixels held at once, and open RemoveBackground calls. 1.5 GiB
+    # fits the largest default image (64 MP as a PNG cut-out) inside the chart's 2 GiB pod limit.
+    memory_budget_bytes: int = 1536 * MiB
+    max_concurrent_streams: int = 64
 
 
 def _env(env: Mapping[str, str], name: str, default: str) -> str:
@@ -153,6 +159,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
     )
     parser.add_argument("--log-level", default=_env(env, "LOG_LEVEL", s.log_level))
     add_security_arguments(parser, env)
+    parser.add_argument(
+        "--memory-budget-bytes",
+        type=int,
+        default=int(_env(env, "MEMORY_BUDGET_BYTES", str(s.memory_budget_bytes))),
+        help="uploads plus decoded images held at once; above it new calls get RESOURCE_EXHAUSTED "
+        "[BGREMOVE_MEMORY_BUDGET_BYTES]",
+    )
+    parser.add_argument(
+        "--max-concurrent-streams",
+        type=int,
+        default=int(_env(env, "MAX_CONCURRENT_STREAMS", str(s.max_concurrent_streams))),
+        help="open RemoveBackground/StreamRemoveBackground calls at once [BGREMOVE_MAX_CONCURRENT_STREAMS]",
+    )
+    parser.add_argument(
+        "--triton-resolve-interval",
+        type=float,
+        default=float(_env(env, "TRITON_RESOLVE_INTERVAL", str(TritonSettings().resolve_interval_s))),
+        help="seconds between DNS lookups of a --triton-url name [BGREMOVE_TRITON_RESOLVE_INTERVAL]",
+    )
     add_triton_arguments(parser, env)
 
 
@@ -215,7 +240,7 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         listen=ns.listen,
         default_model=ns.default_model,
         limits=limits,
-        triton=triton_settings_from_args(ns),
+        triton=replace(triton_settings_from_args(ns), resolve_interval_s=ns.triton_resolve_interval),
         cpu_workers=ns.cpu_workers,
         drain_seconds=ns.drain_seconds,
         log_level=ns.log_level.upper(),
@@ -227,4 +252,6 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
             api_keys_file=ns.api_keys_file,
             health_listen=ns.health_listen,
         ),
+        memory_budget_bytes=ns.memory_budget_bytes,
+        max_concurrent_streams=ns.max_concurrent_streams,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import mmap
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Final, cast
 
@@ -174,8 +175,16 @@ def _oriented(source: ImageFile.ImageFile) -> Image.Image:
     return source.copy() if method is None else source.transpose(method)
 
 
-def decode(data: BufferLike, declared_content_type: str, limits: Limits) -> DecodedImage:
+def decode(
+    data: BufferLike,
+    declared_content_type: str,
+    limits: Limits,
+    on_size: Callable[[int, int], None] | None = None,
+) -> DecodedImage:
     """Decodes a JPEG, PNG or WebP that matches `declared_content_type` into 8-bit RGB or RGBA.
+
+    `on_size(width, height)` runs after the pixel-count check and before decoding; it may refuse
+    the image by raising ServiceError (admission reserves memory for the pixels there).
 
     Animated PNG (APNG) and animated WebP decode to their first frame, as do multi-picture JPEGs.
     The pixel count is checked from the header before any pixel is decoded. The result carries no
@@ -205,6 +214,8 @@ def decode(data: BufferLike, declared_content_type: str, limits: Limits) -> Deco
                         f"image is {width}x{height} = {width * height} pixels, "
                         f"over the limit of {limits.max_pixels} pixels",
                     )
+                if on_size is not None:
+                    on_size(width, height)
                 # LOAD_TRUNCATED_IMAGES stays False (Pillow's default): a short file is an error,
                 # never an image with a grey bottom half.
                 source.load()

@@ -6,7 +6,9 @@ gateway never batches by itself (that would make one caller wait on another's up
 
 from __future__ import annotations
 
+import enum
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -35,22 +37,89 @@ _CHANNEL_ARGS: list[tuple[str, Any]] = [
     ("grpc.http2.max_pings_without_data", 0),
     # Fail fast while Triton is down instead of queueing calls until their deadline.
     ("grpc.enable_retries", 0),
+    # gRPC's reconnect backoff grows to 120 s by default: a replica back after a long outage would
+    # stay unreachable that long. Capped here so it is found again within ~2 s of coming back.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 _STATUS_BY_NAME = {f"StatusCode.{code.name}": code for code in grpc.StatusCode}
+# How long a caller refused for capacity is told to wait (google.rpc.RetryInfo): about the time a
+# full CPU batch takes, so a retry meets a queue that has moved on.
+OVERLOAD_RETRY_AFTER_S = 1.0
 
 
-def _to_service_error(exc: InferenceServerException, url: str) -> ServiceError:
+def short_reason(message: str) -> str:
+    """gRPC's connection errors end with the part that matters: "failed to connect to all
+    addresses; last error: UNKNOWN: ipv4:10.0.0.5:8001: Failed to connect to remote host:
+    Connection refused" -> "cannot connect: Connection refused"."""
+    if message.startswith("failed to connect to all addresses"):
+        return "cannot connect: " + message.rsplit(": ", 1)[-1]
+    return message
+
+
+class Failure(enum.Enum):
+    """What a failed infer call says about the replica, which decides what the pool does next."""
+
+    REPLICA = "replica"  # the replica is gone, exiting or lost the model: eject it, try another
+    OVERLOADED = "overloaded"  # its queue is full: tell the caller to come back, do not pile on
+    DEADLINE = "deadline"  # the request ran out of time (in our deadline or Triton's queue timeout)
+    REJECTED = "rejected"  # Triton refused what we sent: a gateway bug or model misconfiguration
+
+
+@dataclass
+class InferError(ServiceError):
+    """A ServiceError for the caller that also tells the pool how the replica failed."""
+
+    failure: Failure = Failure.REPLICA
+
+
+def _to_infer_error(exc: InferenceServerException, url: str) -> InferError:
     code = _STATUS_BY_NAME.get(str(exc.status()), grpc.StatusCode.UNAVAILABLE)
     reason = exc.message() or str(exc)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return ServiceError(code, "inference did not finish before the deadline")
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INTERNAL):
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED or "Request timeout expired" in reason:
+        # The second is Triton's queue timeout (UNAVAILABLE): the deadline it was given passed.
+        return InferError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "inference did not finish before the deadline",
+            failure=Failure.DEADLINE,
+        )
+    if "Exceeds maximum queue size" in reason:
+        return InferError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the inference backend is at capacity (its queue is full); "
+            f"retry in {OVERLOAD_RETRY_AFTER_S:g} s",
+            retry_after_s=OVERLOAD_RETRY_AFTER_S,
+            failure=Failure.OVERLOADED,
+        )
+    if code == grpc.StatusCode.NOT_FOUND and "unknown model" in reason:
+        # A Triton that is shutting down unloads its models first and answers this while it
+        # finishes in-flight work: the model is gone from this replica, not from the service.
+        return InferError(
+            grpc.StatusCode.UNAVAILABLE, f"inference backend unavailable: {reason}", failure=Failure.REPLICA
+        )
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
         # Triton found fault with what the gateway sent: a gateway bug or a model misconfiguration,
         # never the caller's input (that was validated before). Say so without Triton's internals.
         log.error("Triton at %s rejected an infer call: %s", url, reason)
-        return ServiceError(grpc.StatusCode.INTERNAL, "the inference backend failed to run the model")
-    return ServiceError(grpc.StatusCode.UNAVAILABLE, f"inference backend unavailable: {reason}")
+        return InferError(
+            grpc.StatusCode.INTERNAL,
+            "the inference backend failed to run the model",
+            failure=Failure.REJECTED,
+        )
+    if code == grpc.StatusCode.INTERNAL:
+        # Triton failed on its side (e.g. a Python backend stub that died): another replica may not.
+        log.error("Triton at %s failed an infer call: %s", url, reason)
+        return InferError(
+            grpc.StatusCode.INTERNAL, "the inference backend failed to run the model", failure=Failure.REPLICA
+        )
+    # UNAVAILABLE (refused, reset, "Socket closed", "Server exiting") and UNKNOWN ("Stream removed").
+    return InferError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"inference backend unavailable: {short_reason(reason)}",
+        failure=Failure.REPLICA,
+    )
 
 
 class TritonInference:
@@ -74,29 +143,40 @@ class TritonInference:
         budget = self.timeout_s if timeout_s is None else min(self.timeout_s, timeout_s)
         span = trace.get_current_span()
         span.set_attribute("triton.model", model)
+        budget = max(budget, 0.001)
         try:
             result = await self._client.infer(
                 model,
                 [inp],
                 outputs=[grpcclient.InferRequestedOutput(OUTPUT_NAME)],
                 headers=headers,
-                client_timeout=max(budget, 0.001),
+                client_timeout=budget,
+                # Triton's queue timeout for this request (the configs allow the override), so
+                # work whose caller has given up leaves its queue instead of running.
+                timeout=int(budget * 1_000_000),
             )
         except InferenceServerException as exc:
-            raise _to_service_error(exc, self.url) from None
+            raise _to_infer_error(exc, self.url) from None
         mask = result.as_numpy(OUTPUT_NAME)
         if mask is None or mask.shape[0] != 1:
             raise ServiceError(grpc.StatusCode.INTERNAL, "the inference backend returned no mask")
         out: npt.NDArray[np.uint8] = mask[0]
         return out
 
-    async def ready_models(self) -> list[str]:
-        """Models Triton has loaded and reports READY; empty when Triton cannot be reached."""
+    async def probe(self, *, timeout_s: float | None = None) -> tuple[list[str], str]:
+        """(models READY, "") or ([], why not). A server that is not ready (a shutting-down
+        Triton still lists the models it is about to unload) counts as having none."""
         try:
-            index = await self._client.get_model_repository_index(as_json=True)
-        except InferenceServerException:
-            return []
-        return sorted(m["name"] for m in index.get("models", []) if m.get("state") == "READY")
+            if not await self._client.is_server_ready(client_timeout=timeout_s):
+                return [], "server not ready"
+            index = await self._client.get_model_repository_index(as_json=True, client_timeout=timeout_s)
+        except InferenceServerException as exc:
+            return [], short_reason(exc.message() or str(exc))
+        return sorted(m["name"] for m in index.get("models", []) if m.get("state") == "READY"), ""
+
+    async def ready_models(self, *, timeout_s: float | None = None) -> list[str]:
+        """Models Triton has loaded and reports READY; empty when Triton cannot be reached."""
+        return (await self.probe(timeout_s=timeout_s))[0]
 
     async def is_ready(self, model: str) -> bool:
         try:

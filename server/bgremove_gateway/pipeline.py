@@ -10,21 +10,31 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
+import numpy as np
+import numpy.typing as npt
 from opentelemetry import trace
 
 from bgremove.v1 import bgremove_pb2 as pb
+from bgremove_gateway.admission import Ticket, image_bytes_estimate
 from bgremove_gateway.config import Settings
 from bgremove_gateway.decode import decode
 from bgremove_gateway.encode import encode
-from bgremove_gateway.infer import TritonInference
 from bgremove_gateway.postprocess import compose, mask_to_alpha
 from bgremove_gateway.preprocess import to_model_input
 from bgremove_gateway.upload import Upload, read_stream_upload, unary_upload, validate_options
 
 tracer = trace.get_tracer("bgremove.gateway")
 T = TypeVar("T")
+
+
+class Inference(Protocol):
+    """TritonPool in the gateway; one TritonInference works too."""
+
+    async def infer(
+        self, model: str, image: npt.NDArray[np.uint8], *, timeout_s: float | None = None
+    ) -> npt.NDArray[np.uint8]: ...
 
 
 @dataclass(frozen=True)
@@ -34,7 +44,7 @@ class Result:
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, inference: TritonInference, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, settings: Settings, inference: Inference, executor: ThreadPoolExecutor) -> None:
         self.settings = settings
         self.inference = inference
         self.executor = executor
@@ -44,16 +54,26 @@ class Pipeline:
         with tracer.start_as_current_span(step):
             return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
-    async def receive(self, requests: AsyncIterator[pb.UploadRequest]) -> Upload:
-        """Reads and checks a streamed upload: protocol, sizes, checksum, options."""
+    async def receive(
+        self, requests: AsyncIterator[pb.UploadRequest], ticket: Ticket | None = None
+    ) -> Upload:
+        """Reads and checks a streamed upload: protocol, sizes, checksum, options. The declared
+        size is reserved against the memory budget before the buffer for it exists."""
+
+        def admit(header: pb.UploadHeader) -> None:
+            if ticket is not None:
+                ticket.reserve(header.total_size, f"an upload of {header.total_size} bytes")
+
         with tracer.start_as_current_span("validate") as span:
-            upload = await read_stream_upload(requests, self.settings.limits)
+            upload = await read_stream_upload(requests, self.settings.limits, admit)
             self._check(upload, span)
         return upload
 
-    def receive_unary(self, request: pb.RemoveBackgroundRequest) -> Upload:
+    def receive_unary(self, request: pb.RemoveBackgroundRequest, ticket: Ticket | None = None) -> Upload:
         with tracer.start_as_current_span("validate") as span:
             upload = unary_upload(request, self.settings.limits)
+            if ticket is not None:
+                ticket.reserve(len(upload.data), f"an image of {len(upload.data)} bytes")
             self._check(upload, span)
         return upload
 
@@ -62,11 +82,21 @@ class Pipeline:
         span.set_attribute("bgremove.upload.bytes", len(upload.data))
         span.set_attribute("bgremove.upload.content_type", upload.content_type)
 
-    async def run(self, upload: Upload, *, timeout_s: float | None = None) -> Result:
+    async def run(
+        self, upload: Upload, *, timeout_s: float | None = None, ticket: Ticket | None = None
+    ) -> Result:
         options = upload.options
         model = options.model or self.settings.default_model
         limits = self.settings.limits
-        decoded = await self._cpu("decode", lambda: decode(upload.data, upload.content_type, limits))
+
+        def admit(width: int, height: int) -> None:
+            # From decode's worker thread, once the header gave the size and before any pixel.
+            if ticket is not None:
+                ticket.reserve(
+                    image_bytes_estimate(width, height, options.format), f"a {width}x{height} image"
+                )
+
+        decoded = await self._cpu("decode", lambda: decode(upload.data, upload.content_type, limits, admit))
         width, height = decoded.image.size
         trace.get_current_span().set_attribute("bgremove.image.pixels", width * height)
         tensor = await self._cpu("preprocess", lambda: to_model_input(decoded.image))

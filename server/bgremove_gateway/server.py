@@ -16,18 +16,19 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from bgremove.tracing import otlp_traces_url
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
+from bgremove_gateway.admission import PER_REQUEST_OVERHEAD_BYTES, Admission, image_bytes_estimate
 from bgremove_gateway.auth import RELOAD_INTERVAL_S, AccessControl, KeyStore
+from bgremove_gateway.backends import TritonPool
 from bgremove_gateway.config import Settings
-from bgremove_gateway.infer import TritonInference
 from bgremove_gateway.pipeline import Pipeline
 from bgremove_gateway.servicer import BackgroundRemovalServicer, ServingState
+from bgremove_gateway.supervisor import TritonSupervisor
 from bgremove_gateway.tls import ListenerError, listener
 from bgremove_gateway.triton_process import EmbeddedTriton, TritonStartError
 
 log = logging.getLogger("bgremove.gateway")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BackgroundRemoval"].full_name
-_MONITOR_INTERVAL_S = 2.0
 
 
 class StartupError(Exception):
@@ -74,7 +75,9 @@ class Gateway:
         self.state = ServingState()
         self.health = health.aio.HealthServicer()
         self.triton: EmbeddedTriton | None = None
-        self.inference: TritonInference | None = None
+        self.pool: TritonPool | None = None
+        self.supervisor: TritonSupervisor | None = None
+        self.admission = Admission(settings.memory_budget_bytes, settings.max_concurrent_streams)
         self.executor = ThreadPoolExecutor(
             max_workers=settings.cpu_workers, thread_name_prefix="bgremove-cpu"
         )
@@ -119,14 +122,23 @@ class Gateway:
         if security.policy.keys is not None:
             self._key_reloader = asyncio.create_task(_reload_keys(security.policy.keys, access_control))
 
-        triton_url = s.triton.urls[0] if s.triton.urls else None
-        if triton_url is None:
+        urls = list(s.triton.urls)
+        if not urls:
             self.triton = EmbeddedTriton(s.triton, otlp_traces_url=otlp_traces_url())
-            triton_url = self.triton.grpc_url
-        self.inference = TritonInference(triton_url, timeout_s=s.triton.infer_timeout_s)
-        pipeline = Pipeline(s, self.inference, self.executor)
+            urls = [self.triton.grpc_url]
+        try:
+            self.pool = TritonPool(
+                urls,
+                default_model=s.default_model,
+                infer_timeout_s=s.triton.infer_timeout_s,
+                resolve_interval_s=s.triton.resolve_interval_s,
+            )
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        self._warn_if_budget_too_small()
+        pipeline = Pipeline(s, self.pool, self.executor)
         pb_grpc.add_BackgroundRemovalServicer_to_server(
-            BackgroundRemovalServicer(pipeline, self.state), server
+            BackgroundRemovalServicer(pipeline, self.state, self.admission), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -144,27 +156,55 @@ class Gateway:
             except TritonStartError as exc:
                 await server.stop(0)
                 raise StartupError(str(exc)) from None
-            log.info("embedded Triton ready at %s with models %s", triton_url, ", ".join(self.triton.models))
-        pipeline.models = await self._refresh()
-        self._monitor = asyncio.create_task(self._watch_backend(pipeline))
+            log.info(
+                "embedded Triton ready at %s with models %s",
+                self.triton.grpc_url,
+                ", ".join(self.triton.models),
+            )
+            triton, pool = self.triton, self.pool
+            self.supervisor = TritonSupervisor(
+                triton,
+                on_exit=lambda reason: pool.mark_down(triton.grpc_url, reason),
+                on_ready=pool.probe_all,
+            )
+            self.supervisor.start()
+        await self.pool.start()
+        await self._apply_pool_status(pipeline)
+        self._monitor = asyncio.create_task(self._follow_pool(pipeline))
 
-    async def _refresh(self) -> list[str]:
-        assert self.inference is not None
-        models = await self.inference.ready_models()
-        ready = self.settings.default_model in models
-        if ready != self.state.ready:
-            log.info("backend %s: models ready %s", "SERVING" if ready else "NOT_SERVING", models)
-        self.state.models, self.state.ready = models, ready
-        await self._set_health(ready)
-        return models
+    def _warn_if_budget_too_small(self) -> None:
+        s, lim = self.settings, self.settings.limits
+        largest = (
+            lim.max_upload_bytes
+            + image_bytes_estimate(lim.max_pixels, 1, pb.OUTPUT_FORMAT_PNG)
+            + PER_REQUEST_OVERHEAD_BYTES
+        )
+        if largest > s.memory_budget_bytes:
+            log.warning(
+                "--memory-budget-bytes %d is below the %d bytes the largest allowed image needs as a PNG "
+                "cut-out (--max-upload-bytes + --max-pixels x 16): such requests will be refused",
+                s.memory_budget_bytes,
+                largest,
+            )
 
-    async def _watch_backend(self, pipeline: Pipeline) -> None:
-        """Health follows the backend: NOT_SERVING whenever the default model is not READY."""
+    async def _apply_pool_status(self, pipeline: Pipeline) -> None:
+        assert self.pool is not None
+        status = self.pool.status
+        if status.ready != self.state.ready:
+            log.info("backend %s: %s", "SERVING" if status.ready else "NOT_SERVING", status.summary)
+        self.state.models, self.state.ready = list(status.models), status.ready
+        self.state.reason = status.summary
+        if status.models:
+            pipeline.models = status.models
+        await self._set_health(status.ready)
+
+    async def _follow_pool(self, pipeline: Pipeline) -> None:
+        """Health follows the pool: SERVING while any replica has the default model READY."""
+        assert self.pool is not None
         while True:
-            await asyncio.sleep(_MONITOR_INTERVAL_S)
-            models = await self._refresh()
-            if models:
-                pipeline.models = models
+            await self.pool.changed.wait()
+            self.pool.changed.clear()
+            await self._apply_pool_status(pipeline)
 
     async def stop(self) -> None:
         """Graceful drain: NOT_SERVING at once, new RPCs refused, in-flight ones get drain_seconds."""
@@ -179,8 +219,10 @@ class Gateway:
             await self.server.stop(self.settings.drain_seconds)
         if self.health_server is not None:
             await self.health_server.stop(0)
-        if self.inference is not None:
-            await self.inference.close()
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        if self.pool is not None:
+            await self.pool.close()
         if self.triton is not None:
             await self.triton.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)

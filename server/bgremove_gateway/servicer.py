@@ -15,6 +15,7 @@ from bgremove.v1 import bgremove_pb2 as pb
 from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
 from bgremove_gateway import __version__
 from bgremove_gateway.access import Access as _Access
+from bgremove_gateway.admission import Admission, Ticket
 from bgremove_gateway.decode import SUPPORTED_CONTENT_TYPES
 from bgremove_gateway.drain import drain
 from bgremove_gateway.errors import ServiceError
@@ -22,6 +23,9 @@ from bgremove_gateway.pipeline import Pipeline, Result
 from bgremove_gateway.upload import MAX_CROP_MARGIN
 
 log = logging.getLogger("bgremove.gateway")
+
+# A caller refused while the backend is down is told to come back after this long (RetryInfo).
+NOT_READY_RETRY_AFTER_S = 2.0
 
 OUTPUT_FORMATS = (
     pb.OUTPUT_FORMAT_PNG,
@@ -37,6 +41,8 @@ class ServingState:
 
     ready: bool = False
     models: list[str] = field(default_factory=list)
+    # Why it is not ready, for the UNAVAILABLE callers get meanwhile.
+    reason: str = "the model is loading"
 
 
 async def abort(context: grpc.aio.ServicerContext, err: ServiceError) -> NoReturn:
@@ -46,20 +52,27 @@ async def abort(context: grpc.aio.ServicerContext, err: ServiceError) -> NoRetur
 
 
 class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
-    def __init__(self, pipeline: Pipeline, state: ServingState) -> None:
+    def __init__(self, pipeline: Pipeline, state: ServingState, admission: Admission | None = None) -> None:
         self.pipeline = pipeline
         self.state = state
+        settings = pipeline.settings
+        self.admission = admission or Admission(settings.memory_budget_bytes, settings.max_concurrent_streams)
 
     def _require_ready(self) -> None:
         if not self.state.ready:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the service is not ready: the model is loading")
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the service is not ready: {self.state.reason}",
+                retry_after_s=NOT_READY_RETRY_AFTER_S,
+            )
 
     async def StreamRemoveBackground(
         self, request_iterator: AsyncIterator[pb.UploadRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ResultChunk]:
         access = _Access("StreamRemoveBackground", context)
+        ticket = self.admission.ticket()
         try:
-            result = await self._guarded(access, context, request_iterator)
+            result = await self._guarded(access, context, request_iterator, ticket)
             yield pb.ResultChunk(header=result.header)
             step = self.pipeline.settings.limits.result_chunk_bytes
             view = memoryview(result.data)
@@ -68,17 +81,20 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
                 access.bytes_out += len(piece)
                 yield pb.ResultChunk(chunk=piece.tobytes())
         finally:
+            ticket.release()
             access.done()
 
     async def RemoveBackground(
         self, request: pb.RemoveBackgroundRequest, context: grpc.aio.ServicerContext
     ) -> pb.RemoveBackgroundResponse:
         access = _Access("RemoveBackground", context)
+        ticket = self.admission.ticket()
         try:
-            result = await self._guarded(access, context, request)
+            result = await self._guarded(access, context, request, ticket)
             access.bytes_out = len(result.data)
             return pb.RemoveBackgroundResponse(header=result.header, image=result.data)
         finally:
+            ticket.release()
             access.done()
 
     async def _guarded(
@@ -86,17 +102,19 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
         access: _Access,
         context: grpc.aio.ServicerContext,
         source: AsyncIterator[pb.UploadRequest] | pb.RemoveBackgroundRequest,
+        ticket: Ticket,
     ) -> Result:
         """Runs the pipeline; every failure becomes a precise status, never a stack trace."""
         try:
             self._require_ready()
+            ticket.enter()
             if isinstance(source, pb.RemoveBackgroundRequest):
-                upload = self.pipeline.receive_unary(source)
+                upload = self.pipeline.receive_unary(source, ticket)
             else:
-                upload = await self.pipeline.receive(source)
+                upload = await self.pipeline.receive(source, ticket)
             access.bytes_in = len(upload.data)
             try:
-                return await self.pipeline.run(upload, timeout_s=context.time_remaining())
+                return await self.pipeline.run(upload, timeout_s=context.time_remaining(), ticket=ticket)
             finally:
                 upload.close()  # now, on success, failure or cancellation: not when collected
         except ServiceError as err:

@@ -193,6 +193,16 @@ class EmbeddedTriton:
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(list(self._log)[-lines:])
 
+    def last_error(self) -> str:
+        """Triton's last error line, shortened; "" when it logged none."""
+        return _last_error(self._log)
+
+    async def wait(self) -> int:
+        """Returns Triton's exit code (negative: the signal that killed it) once it exits."""
+        if self._process is None:
+            raise RuntimeError("Triton was never started")
+        return await self._process.wait()
+
     def command(self, backend_dir: Path, server: Path) -> list[str]:
         s = self.settings
         argv = [

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import mmap
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -91,8 +91,13 @@ async def _next_message(messages: AsyncIterator[pb.UploadRequest], limits: Limit
         ) from None
 
 
-async def read_stream_upload(requests: AsyncIterator[pb.UploadRequest], limits: Limits) -> Upload:
-    """Reads one header then chunks until the client half-closes, checking size and checksum."""
+async def read_stream_upload(
+    requests: AsyncIterator[pb.UploadRequest],
+    limits: Limits,
+    on_header: Callable[[pb.UploadHeader], None] | None = None,
+) -> Upload:
+    """Reads one header then chunks until the client half-closes, checking size and checksum.
+    `on_header` sees the checked header before any buffer is allocated (admission hooks in here)."""
     messages = aiter(requests)
     first = await _next_message(messages, limits)
     if first is None:
@@ -103,6 +108,8 @@ async def read_stream_upload(requests: AsyncIterator[pb.UploadRequest], limits: 
         raise invalid("header", f"first message must carry the header, got {what}")
     header = first.header
     content_type = _check_header(header, limits)
+    if on_header is not None:
+        on_header(header)
     # Preallocated once and filled in place: no list of chunks to join, so peak memory is the image
     # once. An anonymous map rather than bytearray(total): bytearray zero-fills (commits) every page
     # up front (0.15 s per 50 MiB here), so a client declaring 50 MiB and then stalling would hold

@@ -12,6 +12,11 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 _DETAILS_KEY = "grpc-status-details-bin"
+# grpc.aio replaces the server's status with this when the server ends a call while the client is
+# still sending the upload, e.g. an overloaded server refusing it at once (grpc/grpc#36066). Our
+# server never sends it; the sync API is not affected.
+_AIO_LOST_STATUS = "Internal error from Core"
+LOST_STATUS_RETRY_AFTER_S = 1.0
 # A sync call's error is the grpc.Call itself; grpc.aio.AioRpcError is not a grpc.Call but has the
 # same synchronous code() / details() / trailing_metadata().
 _CALL_TYPES = (grpc.Call, grpc.aio.AioRpcError)
@@ -49,6 +54,18 @@ class BgRemoveError(Exception):
             return cls(grpc.StatusCode.UNKNOWN, str(error))
         code: grpc.StatusCode = error.code()
         message: str = error.details() or code.name
+        if (
+            isinstance(error, grpc.aio.AioRpcError)
+            and code == grpc.StatusCode.INTERNAL
+            and message == _AIO_LOST_STATUS
+        ):
+            # Most often the refusal was "busy, retry": the caller retries once the hint has passed.
+            return cls(
+                grpc.StatusCode.UNKNOWN,
+                "the server ended the call before the whole upload was sent and grpc.aio lost its "
+                "status (grpc/grpc#36066); the server may be at capacity, retry",
+                retry_after_s=LOST_STATUS_RETRY_AFTER_S,
+            )
         status = _rich_status(error)
         if status is None:
             return cls(code, message)
