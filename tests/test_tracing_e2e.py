@@ -45,30 +45,38 @@ def test_cli_gateway_and_triton_spans_form_one_tree(
         "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
         "OTEL_SERVICE_NAME": "bgremove-cli",
     }
-    out = subprocess.run(
-        [BGREMOVE, "remove", str(photo), "-o", str(tmp_path / "cut.png"), "--target", gateway.target],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
 
-    def cli_span() -> Span | None:
-        return next((s for s in otlp.spans if s.service == "bgremove-cli" and not s.parent_id), None)
+    def cli_roots() -> list[Span]:
+        return [s for s in otlp.spans if s.service == "bgremove-cli" and not s.parent_id]
 
-    _wait_for(lambda: cli_span() is not None)
-    root = cli_span()
-    assert root is not None, "the CLI exported no root span"
-
-    def complete() -> bool:
-        spans = otlp.trace(root.trace_id)
+    def complete(trace_id: str) -> bool:
+        spans = otlp.trace(trace_id)
         services = {s.service for s in spans}
         return {"bgremove-gateway", "bgremove-triton"} <= services and {
             s.name for s in spans
         } >= GATEWAY_STEPS
 
-    _wait_for(complete, 40)
+    # Triton's OTLP exporter (its C++ SDK) has been seen to drop a batch when the machine is
+    # saturated by the rest of the suite; a fresh request (a fresh trace) is sent then, up to three
+    # times. Every assertion below holds for the one trace that arrived whole.
+    root: Span | None = None
+    for _attempt in range(3):
+        seen = {s.span_id for s in cli_roots()}
+        out = subprocess.run(
+            [BGREMOVE, "remove", str(photo), "-o", str(tmp_path / "cut.png"), "--target", gateway.target],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        _wait_for(lambda seen=seen: any(s.span_id not in seen for s in cli_roots()))
+        root = next((s for s in cli_roots() if s.span_id not in seen), None)
+        assert root is not None, "the CLI exported no root span"
+        _wait_for(lambda root=root: complete(root.trace_id), 30)
+        if complete(root.trace_id):
+            break
+    assert root is not None
     spans = otlp.trace(root.trace_id)
     by_id = {s.span_id: s for s in spans}
     services = {s.service for s in spans}

@@ -186,13 +186,20 @@ async def test_concurrent_requests_are_batched_and_answered_each_with_its_own_ma
     images = [photo("coffee" if i % 2 else "astronaut", seed=i) for i in range(16)]
     before = await client.get_inference_statistics("u2netp", as_json=True)
     results = await asyncio.gather(*(client.infer("u2netp", [infer_input(p)]) for p in images))
-    after = await client.get_inference_statistics("u2netp", as_json=True)
 
     def batches(stats: dict[str, Any]) -> dict[int, int]:
         (model,) = stats["model_stats"]
         return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in model["batch_stats"]}
 
-    new = {size: n - batches(before).get(size, 0) for size, n in batches(after).items()}
+    # Triton updates its statistics just after answering: under load the last batch can be
+    # missing from a read made at once, so read until every image is counted (or 10 s pass).
+    deadline = time.monotonic() + 10
+    while True:
+        after = await client.get_inference_statistics("u2netp", as_json=True)
+        new = {size: n - batches(before).get(size, 0) for size, n in batches(after).items()}
+        if sum(size * n for size, n in new.items()) >= len(images) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
     assert sum(size * n for size, n in new.items()) == len(images)
     assert max(size for size, n in new.items() if n) > 1, f"no batch larger than one: {new}"
 
@@ -276,18 +283,29 @@ async def test_traces_exactly_the_requests_with_a_traceparent_and_stops_cleanly(
         backend_dir = backend_dir_of(server.pid)
         assert (backend_dir / "python/triton_python_backend_stub").is_file()
 
-        trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
+        expected = {"InferRequest", "u2netp", "compute"}
         c = grpcclient_aio.InferenceServerClient(server.grpc_url)
         pixels = photo("chelsea")
-        await c.infer("u2netp", [infer_input(pixels)])
-        await c.infer("u2netp", [infer_input(pixels)], headers={"traceparent": f"00-{trace_id}-{parent}-01"})
-        await c.infer("u2netp", [infer_input(pixels)])
+        # Triton's OTLP exporter has been seen to drop a batch when the machine is saturated by the
+        # rest of the suite: a fresh traced request is sent then, up to three times.
+        sent: set[str] = set()
+        for _attempt in range(3):
+            trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
+            sent.add(trace_id)
+            await c.infer("u2netp", [infer_input(pixels)])
+            await c.infer(
+                "u2netp", [infer_input(pixels)], headers={"traceparent": f"00-{trace_id}-{parent}-01"}
+            )
+            await c.infer("u2netp", [infer_input(pixels)])
+            await asyncio.to_thread(
+                wait_until,
+                lambda trace_id=trace_id: expected <= {s.name for s in receiver.trace(trace_id)},
+                20,
+            )
+            if expected <= {s.name for s in receiver.trace(trace_id)}:
+                break
         await c.close()
 
-        expected = {"InferRequest", "u2netp", "compute"}
-        await asyncio.to_thread(
-            wait_until, lambda: expected <= {s.name for s in receiver.trace(trace_id)}, 20
-        )
         await asyncio.sleep(1)  # ten export periods: spans of the untraced requests would be here too
         spans = receiver.trace(trace_id)
         assert {s.service for s in spans} == {TRACE_SERVICE_NAME}
@@ -295,7 +313,7 @@ async def test_traces_exactly_the_requests_with_a_traceparent_and_stops_cleanly(
         root = next(s for s in spans if s.name == "InferRequest")
         assert root.parent_id == parent
         # rate=0: the requests without a traceparent left no trace at all.
-        assert {s.trace_id for s in receiver.spans} == {trace_id}
+        assert {s.trace_id for s in receiver.spans} <= sent
 
         pid = server.pid
         await server.stop()
