@@ -230,12 +230,18 @@ async def test_concurrent_streams_are_batched_by_triton(gateway: GatewayProcess)
     assert all(r > 0 for r in results)
     client = triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.triton_grpc_port}")
     try:
-        stats = await client.get_inference_statistics("u2netp", as_json=True)
+        # Triton updates its statistics just after answering: read until a batch > 1 shows (10 s).
+        for _ in range(100):
+            stats = await client.get_inference_statistics("u2netp", as_json=True)
+            batches = {
+                int(b["batch_size"]): int(b["compute_infer"]["count"])
+                for b in stats["model_stats"][0]["batch_stats"]
+            }
+            if max(batches) > 1:
+                break
+            await asyncio.sleep(0.1)
     finally:
         await client.close()
-    batches = {
-        int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats["model_stats"][0]["batch_stats"]
-    }
     assert max(batches) > 1, f"Triton never batched: {batches}"
 
 
