@@ -16,6 +16,8 @@ import grpc
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
+from bgremove.upload import OCTET_STREAM
+from bgremove.upload import sniff_content_type as sniff_supported
 from bgremove_gateway.config import Limits
 from bgremove_gateway.dimensions import declared_size
 from bgremove_gateway.errors import ServiceError, invalid, too_large
@@ -109,12 +111,9 @@ def sniff_content_type(data: BufferLike) -> str | None:
     """Media type named by the data's magic bytes: one of SUPPORTED_CONTENT_TYPES, another image
     type Pillow recognises (e.g. "image/gif"), or None when the data is no known image format."""
     head = bytes(memoryview(data)[:16])
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
+    supported = sniff_supported(head)  # the client's check: one signature table for both sides
+    if supported != OCTET_STREAM:
+        return supported
     # Only the plugins' signature checks run here; their parsers never see the data.
     for name, (_, accept) in Image.OPEN.items():
         try:

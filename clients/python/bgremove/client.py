@@ -33,13 +33,26 @@ class _Base:
         self,
         target: str,
         *,
+        root_certificates: bytes | None,
+        certificate_chain: bytes | None,
+        private_key: bytes | None,
+        tls: bool,
         api_key: str | None,
         chunk_size: int,
         timeout: float | None,
+        options: Sequence[tuple[str, Any]] | None,
         tracer_provider: trace.TracerProvider | None,
     ) -> None:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be at least 1 byte, got {chunk_size}")
+        # None means plaintext; the subclass opens its own kind of channel with these.
+        self._credentials = channel_credentials(
+            tls=tls,
+            root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+        )
+        self._channel_options = channel_options(options)
         self.target = target
         self._api_key = api_key
         self._chunk_size = chunk_size
@@ -95,15 +108,18 @@ class Client(_Base):
         tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         super().__init__(
-            target, api_key=api_key, chunk_size=chunk_size, timeout=timeout, tracer_provider=tracer_provider
-        )
-        creds = channel_credentials(
-            tls=tls,
+            target,
             root_certificates=root_certificates,
             certificate_chain=certificate_chain,
             private_key=private_key,
+            tls=tls,
+            api_key=api_key,
+            chunk_size=chunk_size,
+            timeout=timeout,
+            options=options,
+            tracer_provider=tracer_provider,
         )
-        opts = channel_options(options)
+        creds, opts = self._credentials, self._channel_options
         self._channel = (
             grpc.insecure_channel(target, options=opts)
             if creds is None
@@ -191,15 +207,18 @@ class AsyncClient(_Base):
         tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         super().__init__(
-            target, api_key=api_key, chunk_size=chunk_size, timeout=timeout, tracer_provider=tracer_provider
-        )
-        creds = channel_credentials(
-            tls=tls,
+            target,
             root_certificates=root_certificates,
             certificate_chain=certificate_chain,
             private_key=private_key,
+            tls=tls,
+            api_key=api_key,
+            chunk_size=chunk_size,
+            timeout=timeout,
+            options=options,
+            tracer_provider=tracer_provider,
         )
-        opts = channel_options(options)
+        creds, opts = self._credentials, self._channel_options
         self._channel = (
             grpc.aio.insecure_channel(target, options=opts)
             if creds is None
