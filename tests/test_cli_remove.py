@@ -27,6 +27,7 @@ from bgremove import cli_remove
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove.v1 import bgremove_pb2_grpc
 from bgremove_gateway.errors import ServiceError, invalid
+from loop_server import LoopThreadServer
 
 _PIL_FORMATS = {
     pb.OUTPUT_FORMAT_UNSPECIFIED: ("PNG", "RGBA", "image/png"),
@@ -95,28 +96,12 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: ServiceErro
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-class FakeServer:
-    """A grpc.aio server on its own loop thread: the CLI runs asyncio.run() in the test's thread."""
+class FakeServer(LoopThreadServer):
+    """The CLI runs asyncio.run() in the test's thread, so the server lives on a loop of its own."""
 
     def __init__(self) -> None:
         self.servicer = Servicer()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self.target = f"127.0.0.1:{asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)}"
-
-    async def _start(self) -> int:
-        self._server = grpc.aio.server()
-        bgremove_pb2_grpc.add_BackgroundRemovalServicer_to_server(self.servicer, self._server)  # type: ignore[no-untyped-call]
-        port = int(self._server.add_insecure_port("127.0.0.1:0"))
-        await self._server.start()
-        return port
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._server.stop(None), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+        super().__init__(self.servicer)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,8 @@ import hashlib
 import io
 import shutil
 import subprocess
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from bgremove import AsyncClient, BgRemoveError, Client, FieldViolation, Removal
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove.v1 import bgremove_pb2_grpc
 from bgremove_gateway.errors import ServiceError, invalid
+from loop_server import LoopThreadServer
 
 
 def encoded(fmt: str, size: tuple[int, int] = (300, 200)) -> bytes:
@@ -108,39 +108,16 @@ class Recorder(bgremove_pb2_grpc.BackgroundRemovalServicer):
         return pb.GetServiceInfoResponse(default_model="u2netp", version="test")
 
 
-@dataclass
-class FakeServer:
-    """A grpc.aio server on its own event loop thread, so sync clients and asyncio tests can both call it."""
+class FakeServer(LoopThreadServer):
+    """Sync clients and asyncio tests can both call it: it runs on a loop of its own."""
 
-    credentials: grpc.ServerCredentials | None = None
-    servicer: Recorder = field(default_factory=Recorder)
-
-    def __post_init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self.port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        self.target = f"127.0.0.1:{self.port}"
-
-    async def _start(self) -> int:
-        self._server = grpc.aio.server()
-        bgremove_pb2_grpc.add_BackgroundRemovalServicer_to_server(self.servicer, self._server)  # type: ignore[no-untyped-call]
-        if self.credentials is None:
-            port = self._server.add_insecure_port("127.0.0.1:0")
-        else:
-            port = self._server.add_secure_port("127.0.0.1:0", self.credentials)
-        await self._server.start()
-        return int(port)
+    def __init__(self, credentials: grpc.ServerCredentials | None = None) -> None:
+        self.servicer = Recorder()
+        super().__init__(self.servicer, credentials)
 
     def reset(self, handler: Handler = default_handler) -> None:
         self.servicer.calls.clear()
         self.servicer.handler = handler
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._server.stop(None), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
 
 
 @pytest.fixture(scope="module")
