@@ -236,11 +236,13 @@ async def bench_triton(
 
 
 def bench_model(repo: Path, model: str, photos: list[Photo], requests: int, threads: int) -> RunStats:
-    """ONNX Runtime in-process, batch 1, the same graph Triton serves: the floor on this machine."""
+    """ONNX Runtime in-process, batch 1, the same graph and session settings Triton's CPU config
+    uses: the floor on this machine."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(
         str(repo / model / "1" / "model.onnx"), opts, providers=["CPUExecutionProvider"]
     )

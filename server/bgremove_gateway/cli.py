@@ -27,12 +27,12 @@ def _configure_logging(level: str) -> None:
 
 def _cmd_serve(ns: argparse.Namespace) -> int:
     from bgremove.tracing import configure_tracing, shutdown_tracing
-    from bgremove_gateway.memory import release_large_buffers_promptly
+    from bgremove_gateway.memory import configure_allocator
     from bgremove_gateway.server import StartupError, serve
 
     settings = settings_from_args(ns)
     _configure_logging(settings.log_level)
-    release_large_buffers_promptly()
+    configure_allocator()
     provider = configure_tracing("bgremove-gateway")
     try:
         return asyncio.run(serve(settings))

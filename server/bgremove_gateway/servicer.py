@@ -19,6 +19,7 @@ from bgremove_gateway.admission import Admission, Ticket
 from bgremove_gateway.decode import SUPPORTED_CONTENT_TYPES
 from bgremove_gateway.drain import drain
 from bgremove_gateway.errors import ServiceError
+from bgremove_gateway.memory import IdleTrim
 from bgremove_gateway.pipeline import Pipeline, Result
 from bgremove_gateway.upload import MAX_CROP_MARGIN
 
@@ -52,11 +53,18 @@ async def abort(context: grpc.aio.ServicerContext, err: ServiceError) -> NoRetur
 
 
 class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
-    def __init__(self, pipeline: Pipeline, state: ServingState, admission: Admission | None = None) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        state: ServingState,
+        admission: Admission | None = None,
+        idle_trim: IdleTrim | None = None,
+    ) -> None:
         self.pipeline = pipeline
         self.state = state
         settings = pipeline.settings
         self.admission = admission or Admission(settings.memory_budget_bytes, settings.max_concurrent_streams)
+        self.idle_trim = idle_trim or IdleTrim()
 
     def _require_ready(self) -> None:
         if not self.state.ready:
@@ -71,6 +79,7 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
     ) -> AsyncIterator[pb.ResultChunk]:
         access = _Access("StreamRemoveBackground", context)
         ticket = self.admission.ticket()
+        self.idle_trim.enter()
         try:
             result = await self._guarded(access, context, request_iterator, ticket)
             yield pb.ResultChunk(header=result.header)
@@ -82,6 +91,7 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
                 yield pb.ResultChunk(chunk=piece.tobytes())
         finally:
             ticket.release()
+            self.idle_trim.leave()
             access.done()
 
     async def RemoveBackground(
@@ -89,12 +99,14 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
     ) -> pb.RemoveBackgroundResponse:
         access = _Access("RemoveBackground", context)
         ticket = self.admission.ticket()
+        self.idle_trim.enter()
         try:
             result = await self._guarded(access, context, request, ticket)
             access.bytes_out = len(result.data)
             return pb.RemoveBackgroundResponse(header=result.header, image=result.data)
         finally:
             ticket.release()
+            self.idle_trim.leave()
             access.done()
 
     async def _guarded(

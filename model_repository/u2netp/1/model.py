@@ -41,6 +41,10 @@ class TritonPythonModel:
             _parameter(model_config, "intra_op_thread_count", str(DEFAULT_INTRA_OP_THREADS))
         )
         options.inter_op_num_threads = 1
+        # See configs/cpu.pbtxt: spinning threads starve the gateway's CPU work on shared cores.
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", _parameter(model_config, "allow_spinning", "0")
+        )
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
