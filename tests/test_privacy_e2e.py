@@ -438,8 +438,10 @@ async def settled_rss(pid: int, bound_mib: float, within_s: float = 10.0) -> flo
     """RSS once it is under `bound_mib`, or the last reading after `within_s`: the gateway returns
     memory a moment after its last call ends, later still on a loaded machine."""
     deadline = time.monotonic() + within_s
-    while (rss := rss_mib(pid)) >= bound_mib and time.monotonic() < deadline:
+    rss = rss_mib(pid)
+    while rss >= bound_mib and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
+        rss = rss_mib(pid)
     return rss
 
 
