@@ -143,11 +143,21 @@ def load_photos(paths: Sequence[Path]) -> list[Photo]:
     return photos
 
 
-async def _drive(
-    name: str, concurrency: int, requests: int, call: Callable[[int], Awaitable[Outcome]]
-) -> RunStats:
-    stats = RunStats(name, concurrency, requests, 0.0)
-    next_index = iter(range(requests))
+Call = Callable[[int], Awaitable[Outcome]]
+
+
+@dataclass
+class Target:
+    """One thing to measure: `call(i)` sends request i; `close()` releases the client."""
+
+    name: str
+    call: Call
+    close: Callable[[], Awaitable[None]]
+
+
+async def _drive(stats: RunStats, concurrency: int, indices: range, call: Call) -> None:
+    """Sends `indices` on `concurrency` workers; adds outcomes and the wall time to `stats`."""
+    next_index = iter(indices)
 
     async def worker() -> None:
         for i in next_index:
@@ -157,7 +167,26 @@ async def _drive(
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    stats.wall_s = time.perf_counter() - started
+    stats.wall_s += time.perf_counter() - started
+
+
+def default_rounds(concurrency: int, requests: int) -> int:
+    """Rounds of at least two requests per worker, so every round runs at full concurrency."""
+    return max(1, min(8, requests // (2 * concurrency)))
+
+
+async def interleaved(
+    targets: Sequence[Target], concurrency: int, requests: int, rounds: int
+) -> list[RunStats]:
+    """Measures `targets` in alternating rounds (A B, B A, A B, ...) rather than one after the
+    other: on a shared, noisy machine a slow minute then lands on every target alike, so the
+    ratios between them hold even when absolute times drift."""
+    stats = [RunStats(t.name, concurrency, requests, 0.0) for t in targets]
+    bounds = [round(r * requests / rounds) for r in range(rounds + 1)]
+    for r in range(rounds):
+        order = list(zip(targets, stats, strict=True))
+        for target, run in order if r % 2 == 0 else reversed(order):
+            await _drive(run, concurrency, range(bounds[r], bounds[r + 1]), target.call)
     return stats
 
 
@@ -169,9 +198,9 @@ def _has_retry_info(exc: grpc.RpcError) -> bool:
     return status is not None and any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
 
 
-async def bench_service(
-    target: str, photos: list[Photo], concurrency: int, requests: int, fmt: int, chunk: int = 256 * 1024
-) -> RunStats:
+async def service_target(
+    target: str, photos: list[Photo], concurrency: int, fmt: int, chunk: int = 256 * 1024
+) -> Target:
     """Blocking gRPC calls on `concurrency` threads, not grpc.aio: when a server refuses an upload
     before the client has sent all of it (overload), grpc.aio can report INTERNAL "Internal error
     from Core" in place of the server's status (grpc/grpc#36066), which would miscount statuses."""
@@ -201,38 +230,34 @@ async def bench_service(
         return OK
 
     loop = asyncio.get_running_loop()
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="bench") as threads:
+    threads = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="bench")
 
-        async def call(i: int) -> Outcome:
-            return await loop.run_in_executor(threads, blocking_call, i)
+    async def call(i: int) -> Outcome:
+        return await loop.run_in_executor(threads, blocking_call, i)
 
-        try:
-            await call(0)  # connection and first-call warm-up, not measured
-            return await _drive("service", concurrency, requests, call)
-        finally:
-            channel.close()
+    async def close() -> None:
+        threads.shutdown()
+        channel.close()
+
+    await call(0)  # connection and first-call warm-up, not measured
+    return Target("service", call, close)
 
 
-async def bench_triton(
-    url: str, model: str, photos: list[Photo], concurrency: int, requests: int
-) -> RunStats:
+async def triton_target(url: str, model: str, photos: list[Photo]) -> Target:
     from bgremove_gateway.errors import ServiceError
     from bgremove_gateway.infer import TritonInference
 
     client = TritonInference(url, timeout_s=300)
-    try:
 
-        async def call(i: int) -> Outcome:
-            try:
-                await client.infer(model, photos[i % len(photos)].tensor)
-            except ServiceError as exc:
-                return Outcome(exc.code.name, exc.retry_after_s is not None)
-            return OK
+    async def call(i: int) -> Outcome:
+        try:
+            await client.infer(model, photos[i % len(photos)].tensor)
+        except ServiceError as exc:
+            return Outcome(exc.code.name, exc.retry_after_s is not None)
+        return OK
 
-        await call(0)
-        return await _drive("triton", concurrency, requests, call)
-    finally:
-        await client.close()
+    await call(0)
+    return Target("triton", call, client.close)
 
 
 def bench_model(repo: Path, model: str, photos: list[Photo], requests: int, threads: int) -> RunStats:
@@ -269,16 +294,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="u2netp")
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
     parser.add_argument("--model-threads", type=int, default=min(2, os.cpu_count() or 2))
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="alternate service and Triton-direct in this many rounds (default: up to 8, two "
+        "requests per worker each)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
 
 
 async def run_all(ns: argparse.Namespace) -> dict[str, Any]:
     photos = load_photos(ns.images)
-    runs: list[RunStats] = [
-        await bench_service(ns.target, photos, ns.concurrency, ns.requests, FORMATS[ns.format])
-    ]
-    if ns.triton_url:
-        runs.append(await bench_triton(ns.triton_url, ns.model, photos, ns.concurrency, ns.requests))
+    targets = [await service_target(ns.target, photos, ns.concurrency, FORMATS[ns.format])]
+    try:
+        if ns.triton_url:
+            targets.append(await triton_target(ns.triton_url, ns.model, photos))
+        rounds = ns.rounds or default_rounds(ns.concurrency, ns.requests)
+        runs = await interleaved(targets, ns.concurrency, ns.requests, rounds)
+    finally:
+        for t in targets:
+            await t.close()
     if ns.model_alone:
         runs.append(
             await asyncio.to_thread(
@@ -293,7 +329,13 @@ async def run_all(ns: argparse.Namespace) -> dict[str, Any]:
             ratios[f"service_over_{other}_throughput"] = round(svc.throughput / by_name[other].throughput, 3)
     if "triton" in by_name:
         ratios["gateway_added_p50_ms"] = round(svc.percentile(50) - by_name["triton"].percentile(50), 1)
-    return {"images": len(photos), "format": ns.format, "runs": [r.summary() for r in runs], "ratios": ratios}
+    return {
+        "images": len(photos),
+        "format": ns.format,
+        "rounds": rounds,
+        "runs": [r.summary() for r in runs],
+        "ratios": ratios,
+    }
 
 
 def run(ns: argparse.Namespace) -> int:

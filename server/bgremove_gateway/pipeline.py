@@ -1,14 +1,15 @@
 """upload → decode → preprocess → infer → postprocess → encode, one span per step.
 
 CPU-bound steps run in a bounded thread pool (Pillow and numpy release the GIL), so the event loop
-keeps serving other streams while one image is decoded or encoded.
+keeps serving other streams while one image is decoded or encoded. The two resizes also split into
+strips over a second, helper pool (strips.py), so one request alone uses every core.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -26,6 +27,8 @@ from bgremove_gateway.preprocess import to_model_input
 from bgremove_gateway.upload import Upload, read_stream_upload, unary_upload, validate_options
 
 tracer = trace.get_tracer("bgremove.gateway")
+# A 320-row model input cut into more strips than this spends more on handoffs than it saves.
+MAX_STRIPS = 4
 T = TypeVar("T")
 
 
@@ -44,10 +47,19 @@ class Result:
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, inference: Inference, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        inference: Inference,
+        executor: ThreadPoolExecutor,
+        helpers: Executor | None = None,
+    ) -> None:
         self.settings = settings
         self.inference = inference
         self.executor = executor
+        # Not `executor` itself: a step waiting on strips queued behind other steps could deadlock it.
+        self.helpers = helpers
+        self.parts = min(settings.cpu_workers, MAX_STRIPS)
         self.models: Sequence[str] = (settings.default_model,)
 
     async def _cpu(self, step: str, fn: Callable[[], T]) -> T:
@@ -99,11 +111,17 @@ class Pipeline:
         decoded = await self._cpu("decode", lambda: decode(upload.data, upload.content_type, limits, admit))
         width, height = decoded.image.size
         trace.get_current_span().set_attribute("bgremove.image.pixels", width * height)
-        tensor = await self._cpu("preprocess", lambda: to_model_input(decoded.image))
+        helpers, parts = self.helpers, self.parts
+        tensor = await self._cpu(
+            "preprocess", lambda: to_model_input(decoded.image, helpers=helpers, parts=parts)
+        )
         with tracer.start_as_current_span("infer", kind=trace.SpanKind.CLIENT):
             mask = await self.inference.infer(model, tensor, timeout_s=timeout_s)
         cutout = await self._cpu(
-            "postprocess", lambda: compose(decoded, mask_to_alpha(mask, (width, height)), options)
+            "postprocess",
+            lambda: compose(
+                decoded, mask_to_alpha(mask, (width, height), helpers=helpers, parts=parts), options
+            ),
         )
         encoded = await self._cpu("encode", lambda: encode(cutout, options.format))
         header = pb.ResultHeader(

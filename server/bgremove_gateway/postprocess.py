@@ -6,6 +6,7 @@ input's exact colour; only semi-transparent edges are blended, and only for JPEG
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Final
 
@@ -14,6 +15,7 @@ import numpy.typing as npt
 from PIL import Image, ImageChops
 
 from bgremove.v1 import bgremove_pb2 as pb
+from bgremove_gateway import strips
 from bgremove_gateway.decode import DecodedImage
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom (exclusive)
@@ -35,12 +37,20 @@ class Cutout:
     input_size: tuple[int, int]  # (w, h) after EXIF orientation
 
 
-def mask_to_alpha(mask: npt.NDArray[np.uint8], size: tuple[int, int]) -> Image.Image:
+def mask_to_alpha(
+    mask: npt.NDArray[np.uint8],
+    size: tuple[int, int],
+    *,
+    helpers: Executor | None = None,
+    parts: int = 2,
+) -> Image.Image:
     """The model's square uint8 mask as an "L" matte of `size` (w, h), resized with LANCZOS as
-    rembg does (no aspect kept: the model saw the image squashed to a square)."""
+    rembg does (no aspect kept: the model saw the image squashed to a square). With `helpers`,
+    the resize runs in `parts` strips in parallel (see strips.py)."""
     if mask.dtype != np.uint8 or mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
         raise ValueError(f"expected a square uint8 mask, got {mask.dtype} of shape {mask.shape}")
-    return Image.fromarray(np.ascontiguousarray(mask)).resize(size, Image.Resampling.LANCZOS)
+    matte = Image.fromarray(np.ascontiguousarray(mask))
+    return strips.resize(matte, size, Image.Resampling.LANCZOS, helpers=helpers, parts=parts)
 
 
 def _foreground_box(alpha: Image.Image) -> Box | None:

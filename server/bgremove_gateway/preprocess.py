@@ -5,9 +5,13 @@ Scaling to [0, 1] and the ImageNet normalisation happen inside the served model,
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
+
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
+
+from bgremove_gateway import strips
 
 MODEL_INPUT_SIZE = 320
 
@@ -20,9 +24,14 @@ MODEL_INPUT_SIZE = 320
 _REDUCING_GAP = 3.0
 
 
-def to_model_input(image: Image.Image, size: int = MODEL_INPUT_SIZE) -> npt.NDArray[np.uint8]:
+def to_model_input(
+    image: Image.Image, size: int = MODEL_INPUT_SIZE, *, helpers: Executor | None = None, parts: int = 2
+) -> npt.NDArray[np.uint8]:
     """uint8 array of shape [size, size, 3], RGB, resized with LANCZOS (aspect not kept, as in
-    training). Alpha is dropped before resizing, as rembg does, so transparent pixels' colours count."""
+    training). Alpha is dropped before resizing, as rembg does, so transparent pixels' colours count.
+    With `helpers`, the resize runs in `parts` strips in parallel (see strips.py)."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")
-    resized = rgb.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=_REDUCING_GAP)
+    resized = strips.resize(
+        rgb, (size, size), Image.Resampling.LANCZOS, reducing_gap=_REDUCING_GAP, helpers=helpers, parts=parts
+    )
     return np.asarray(resized, dtype=np.uint8)

@@ -81,6 +81,9 @@ class Gateway:
         self.executor = ThreadPoolExecutor(
             max_workers=settings.cpu_workers, thread_name_prefix="bgremove-cpu"
         )
+        self.helpers = ThreadPoolExecutor(
+            max_workers=max(1, settings.cpu_workers - 1), thread_name_prefix="bgremove-strip"
+        )
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
         self.port = 0
@@ -136,7 +139,7 @@ class Gateway:
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         self._warn_if_budget_too_small()
-        pipeline = Pipeline(s, self.pool, self.executor)
+        pipeline = Pipeline(s, self.pool, self.executor, self.helpers)
         pb_grpc.add_BackgroundRemovalServicer_to_server(
             BackgroundRemovalServicer(pipeline, self.state, self.admission), server
         )
@@ -226,6 +229,7 @@ class Gateway:
         if self.triton is not None:
             await self.triton.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.helpers.shutdown(wait=False, cancel_futures=True)
 
 
 async def serve(settings: Settings) -> int:
