@@ -51,7 +51,7 @@ def wait_serving(target: str, proc: subprocess.Popen[bytes], timeout_s: float = 
     raise SystemExit("gateway not SERVING in time")
 
 
-def bench(target: str, triton: str, images: Path, concurrency: int, requests: int, model: bool) -> dict:
+def bench(target: str, triton: str, images: Path, concurrency: int, requests: int) -> dict:
     cmd = [
         BGREMOVE,
         "bench",
@@ -65,10 +65,9 @@ def bench(target: str, triton: str, images: Path, concurrency: int, requests: in
         str(concurrency),
         "--requests",
         str(requests),
+        "--model-alone",
         "--json",
     ]
-    if model:
-        cmd.append("--model-alone")
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode not in (0, 1):
         raise SystemExit(out.stderr)
@@ -107,7 +106,7 @@ def main() -> int:
         wait_serving(target, proc)
         for mp in ns.sizes:
             for conc in ns.concurrency:
-                report = bench(target, f"127.0.0.1:{triton_port}", folders[mp], conc, ns.requests, conc == 1)
+                report = bench(target, f"127.0.0.1:{triton_port}", folders[mp], conc, ns.requests)
                 runs = {r["name"]: r for r in report["runs"]}
                 rows.append((mp, conc, runs, report["ratios"]))
                 throughputs = {k: v["throughput_per_s"] for k, v in runs.items()}
@@ -130,17 +129,13 @@ def main() -> int:
         "| model img/s | service/Triton | service/model | gateway added p50 ms | statuses |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    model_tp: dict[float, float] = {}
     for mp, conc, runs, ratios in rows:
-        if "model" in runs:
-            model_tp[mp] = runs["model"]["throughput_per_s"]
-        s, t = runs["service"], runs.get("triton", {})
-        m = model_tp.get(mp)
+        s, t, m = runs["service"], runs.get("triton", {}), runs.get("model", {})
         lines.append(
             f"| {mp:g} MP | {conc} | {s['throughput_per_s']:.2f} | {s['p50_ms']:.0f} | {s['p95_ms']:.0f} "
             f"| {s['p99_ms']:.0f} | {t.get('throughput_per_s', 0):.2f} | {t.get('p50_ms', 0):.0f} "
-            f"| {m if m else '':} | {ratios.get('service_over_triton_throughput', '')} "
-            f"| {round(s['throughput_per_s'] / m, 3) if m else ''} "
+            f"| {m.get('throughput_per_s', '')} | {ratios.get('service_over_triton_throughput', '')} "
+            f"| {ratios.get('service_over_model_throughput', '')} "
             f"| {ratios.get('gateway_added_p50_ms', '')} "
             f"| {s['statuses']} |"
         )

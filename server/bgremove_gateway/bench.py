@@ -4,7 +4,9 @@ In one run, on the same images and machine:
 - service: StreamRemoveBackground through the gateway (what users get);
 - triton: infer calls straight to Triton on preprocessed tensors (bypassing the gateway);
 - model: ONNX Runtime in-process on the same tensors (the floor for this machine).
-Ratios between them are what to compare across machines; absolute times are noisy.
+Ratios between them are what to compare across machines; absolute times are noisy. The three run
+in alternating rounds rather than one after another, so a slow spell on a shared machine lands on
+all of them alike and the ratios stay meaningful when absolute times drift.
 """
 
 from __future__ import annotations
@@ -153,6 +155,7 @@ class Target:
     name: str
     call: Call
     close: Callable[[], Awaitable[None]]
+    concurrency: int | None = None  # None: the run's; the model floor is one run at a time
 
 
 async def _drive(stats: RunStats, concurrency: int, indices: range, call: Call) -> None:
@@ -181,12 +184,12 @@ async def interleaved(
     """Measures `targets` in alternating rounds (A B, B A, A B, ...) rather than one after the
     other: on a shared, noisy machine a slow minute then lands on every target alike, so the
     ratios between them hold even when absolute times drift."""
-    stats = [RunStats(t.name, concurrency, requests, 0.0) for t in targets]
+    stats = [RunStats(t.name, t.concurrency or concurrency, requests, 0.0) for t in targets]
     bounds = [round(r * requests / rounds) for r in range(rounds + 1)]
     for r in range(rounds):
         order = list(zip(targets, stats, strict=True))
         for target, run in order if r % 2 == 0 else reversed(order):
-            await _drive(run, concurrency, range(bounds[r], bounds[r + 1]), target.call)
+            await _drive(run, run.concurrency, range(bounds[r], bounds[r + 1]), target.call)
     return stats
 
 
@@ -260,9 +263,9 @@ async def triton_target(url: str, model: str, photos: list[Photo]) -> Target:
     return Target("triton", call, client.close)
 
 
-def bench_model(repo: Path, model: str, photos: list[Photo], requests: int, threads: int) -> RunStats:
-    """ONNX Runtime in-process, batch 1, the same graph and session settings Triton's CPU config
-    uses: the floor on this machine."""
+async def model_target(repo: Path, model: str, photos: list[Photo], threads: int) -> Target:
+    """ONNX Runtime in-process, batch 1, one run at a time, the same graph and session settings
+    Triton's CPU config uses: the floor on this machine."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -272,15 +275,16 @@ def bench_model(repo: Path, model: str, photos: list[Photo], requests: int, thre
         str(repo / model / "1" / "model.onnx"), opts, providers=["CPUExecutionProvider"]
     )
     name = sess.get_inputs()[0].name
-    sess.run(None, {name: photos[0].tensor[np.newaxis]})
-    stats = RunStats("model", 1, requests, 0.0)
-    started = time.perf_counter()
-    for i in range(requests):
-        t0 = time.perf_counter()
-        sess.run(None, {name: photos[i % len(photos)].tensor[np.newaxis]})
-        stats.record(OK, (time.perf_counter() - t0) * 1000)
-    stats.wall_s = time.perf_counter() - started
-    return stats
+
+    async def call(i: int) -> Outcome:
+        await asyncio.to_thread(sess.run, None, {name: photos[i % len(photos)].tensor[np.newaxis]})
+        return OK
+
+    async def close() -> None:
+        pass
+
+    await call(0)
+    return Target("model", call, close, concurrency=1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -310,17 +314,13 @@ async def run_all(ns: argparse.Namespace) -> dict[str, Any]:
     try:
         if ns.triton_url:
             targets.append(await triton_target(ns.triton_url, ns.model, photos))
+        if ns.model_alone:
+            targets.append(await model_target(ns.model_repository, ns.model, photos, ns.model_threads))
         rounds = ns.rounds or default_rounds(ns.concurrency, ns.requests)
         runs = await interleaved(targets, ns.concurrency, ns.requests, rounds)
     finally:
         for t in targets:
             await t.close()
-    if ns.model_alone:
-        runs.append(
-            await asyncio.to_thread(
-                bench_model, ns.model_repository, ns.model, photos, ns.requests, ns.model_threads
-            )
-        )
     by_name = {r.name: r for r in runs}
     ratios: dict[str, float] = {}
     svc = by_name["service"]
