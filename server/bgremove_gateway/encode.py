@@ -12,6 +12,8 @@ from typing import Any, Final
 
 import fpng
 import numpy as np
+import numpy.typing as npt
+from PIL import Image
 
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove_gateway.postprocess import Cutout
@@ -44,13 +46,22 @@ class Encoded:
 
 def encode(cutout: Cutout, fmt: pb.OutputFormat) -> Encoded:
     """Encodes `cutout` (made by compose() for the same format); UNSPECIFIED means PNG."""
+    return encode_image(cutout.image, fmt)
+
+
+def encode_image(image: Image.Image, fmt: pb.OutputFormat) -> Encoded:
     if fmt not in _FORMATS:
         raise ValueError(f"unknown output format {fmt}")
     saver, mode, content_type, options = _FORMATS[fmt]
-    if cutout.image.mode != mode:
-        raise ValueError(f"{pb.OutputFormat.Name(fmt)} needs a {mode} image, got {cutout.image.mode}")
+    if image.mode != mode:
+        raise ValueError(f"{pb.OutputFormat.Name(fmt)} needs a {mode} image, got {image.mode}")
     if saver == "PNG" and mode == "RGBA":
-        return Encoded(data=fpng.from_ndarray(np.asarray(cutout.image)), content_type=content_type)
+        return encode_rgba_png(np.asarray(image))
     out = io.BytesIO()
-    cutout.image.save(out, saver, **options)
+    image.save(out, saver, **options)
     return Encoded(data=out.getvalue(), content_type=content_type)
+
+
+def encode_rgba_png(pixels: npt.NDArray[np.uint8]) -> Encoded:
+    """An RGBA cut-out as PNG straight from an [H, W, 4] uint8 array (no copy into an Image)."""
+    return Encoded(data=fpng.from_ndarray(pixels), content_type="image/png")

@@ -22,6 +22,7 @@ from bgremove_gateway.admission import Ticket, image_bytes_estimate
 from bgremove_gateway.config import Settings
 from bgremove_gateway.decode import decode
 from bgremove_gateway.encode import encode
+from bgremove_gateway.encode_pool import EncodePool
 from bgremove_gateway.postprocess import compose, mask_to_alpha
 from bgremove_gateway.preprocess import to_model_input
 from bgremove_gateway.upload import Upload, read_stream_upload, unary_upload, validate_options
@@ -53,8 +54,11 @@ class Pipeline:
         inference: Inference,
         executor: ThreadPoolExecutor,
         helpers: Executor | None = None,
+        encoder: EncodePool | None = None,
     ) -> None:
         self.settings = settings
+        # Large PNG/WebP encodes in worker processes (encode_pool.py); None: all in-process.
+        self.encoder = encoder
         self.inference = inference
         self.executor = executor
         # Not `executor` itself: a step waiting on strips queued behind other steps could deadlock it.
@@ -123,7 +127,8 @@ class Pipeline:
                 decoded, mask_to_alpha(mask, (width, height), helpers=helpers, parts=parts), options
             ),
         )
-        encoded = await self._cpu("encode", lambda: encode(cutout, options.format))
+        encoder = self.encoder.encode if self.encoder is not None else encode
+        encoded = await self._cpu("encode", lambda: encoder(cutout, options.format))
         header = pb.ResultHeader(
             width=cutout.image.width,
             height=cutout.image.height,

@@ -20,6 +20,7 @@ from bgremove_gateway.admission import PER_REQUEST_OVERHEAD_BYTES, Admission, im
 from bgremove_gateway.auth import RELOAD_INTERVAL_S, AccessControl, KeyStore
 from bgremove_gateway.backends import TritonPool
 from bgremove_gateway.config import Settings
+from bgremove_gateway.encode_pool import EncodePool
 from bgremove_gateway.pipeline import Pipeline
 from bgremove_gateway.servicer import BackgroundRemovalServicer, ServingState
 from bgremove_gateway.supervisor import TritonSupervisor
@@ -84,6 +85,7 @@ class Gateway:
         self.helpers = ThreadPoolExecutor(
             max_workers=max(1, settings.cpu_workers - 1), thread_name_prefix="bgremove-strip"
         )
+        self.encoder: EncodePool | None = None
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
         self.port = 0
@@ -139,7 +141,9 @@ class Gateway:
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         self._warn_if_budget_too_small()
-        pipeline = Pipeline(s, self.pool, self.executor, self.helpers)
+        self.encoder = EncodePool(s.cpu_workers)
+        await asyncio.to_thread(self.encoder.start)
+        pipeline = Pipeline(s, self.pool, self.executor, self.helpers, self.encoder)
         pb_grpc.add_BackgroundRemovalServicer_to_server(
             BackgroundRemovalServicer(pipeline, self.state, self.admission), server
         )
@@ -230,6 +234,8 @@ class Gateway:
             await self.triton.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.helpers.shutdown(wait=False, cancel_futures=True)
+        if self.encoder is not None:
+            self.encoder.shutdown()
 
 
 async def serve(settings: Settings) -> int:
