@@ -378,6 +378,12 @@ def test_nothing_is_written_to_disk_while_serving(tmp_path: Path) -> None:
             ):
                 _, body, _ = stream_remove(gw.target, data, content_type, pb.Options(format=fmt))
                 assert body, name
+        # Above encode_pool.MIN_PIXELS: the cut-out goes to an encode worker through /dev/shm.
+        large = io.BytesIO()
+        Image.fromarray(skdata.astronaut()).resize((2000, 1500)).save(large, "JPEG", quality=90)
+        for fmt in (pb.OUTPUT_FORMAT_PNG, pb.OUTPUT_FORMAT_WEBP):
+            _, body, _ = stream_remove(gw.target, large.getvalue(), "image/jpeg", pb.Options(format=fmt))
+            assert body
         jpeg = photos[FILE_NAMES[0]][0]
         with grpc.insecure_channel(gw.target) as channel:
             stub = pb_grpc.BackgroundRemovalStub(channel)
