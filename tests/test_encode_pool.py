@@ -15,8 +15,9 @@ from PIL import Image
 from skimage import data as skdata
 
 from bgremove.v1 import bgremove_pb2 as pb
+from bgremove_gateway import encode_pool
 from bgremove_gateway.encode import encode
-from bgremove_gateway.encode_pool import EncodePool
+from bgremove_gateway.encode_pool import EncodePool, reserve
 from bgremove_gateway.postprocess import Cutout
 
 
@@ -109,3 +110,32 @@ def test_a_killed_worker_costs_no_request_and_the_pool_comes_back() -> None:
         assert encoder.remote_encodes >= 1
     finally:
         encoder.shutdown()
+
+
+def test_reserve_refuses_what_dev_shm_cannot_hold() -> None:
+    free = os.statvfs("/dev/shm")
+    too_big = free.f_bavail * free.f_frsize + (256 << 20)
+    assert reserve(too_big) is None  # a None, not a SIGBUS later while writing into it
+    block = reserve(1 << 20)
+    assert block is not None
+    block.close()
+    block.unlink()
+
+
+def test_a_full_dev_shm_falls_back_to_an_in_process_encode(
+    pool: EncodePool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(encode_pool, "reserve", lambda size: None)
+    cut = cutout(640, 480)
+    before = (pool.remote_encodes, pool.no_room)
+    encoded = pool.encode(cut, pb.OUTPUT_FORMAT_PNG)
+    assert (pool.remote_encodes, pool.no_room) == (before[0], before[1] + 1)
+    with Image.open(io.BytesIO(encoded.data)) as png:
+        assert np.array_equal(np.asarray(png), np.asarray(cut.image))
+
+
+def test_no_block_is_left_in_dev_shm(pool: EncodePool) -> None:
+    before = set(os.listdir("/dev/shm"))
+    for fmt in (pb.OUTPUT_FORMAT_PNG, pb.OUTPUT_FORMAT_WEBP):
+        pool.encode(cutout(1200, 900), fmt)
+    assert {n for n in os.listdir("/dev/shm") if n.startswith("psm_")} <= before

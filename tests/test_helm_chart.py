@@ -382,6 +382,11 @@ def test_pods_are_restricted_and_write_nothing_to_disk(scenario: tuple[str, list
     gateway = one(objects, "Deployment", "gateway")["spec"]["template"]["spec"]
     for volume in gateway.get("volumes", []):
         assert "secret" in volume or volume.get("emptyDir", {}).get("medium") == "Memory", volume
+    # The encode workers' /dev/shm is a memory volume of its own, not the runtime's 64 MiB default.
+    (shm,) = [v for v in gateway["volumes"] if v["name"] == "shm"]
+    assert shm["emptyDir"]["medium"] == "Memory" and shm["emptyDir"]["sizeLimit"]
+    gateway_mounts = container(one(objects, "Deployment", "gateway"), "gateway")["volumeMounts"]
+    assert {"name": "shm", "mountPath": "/dev/shm"} in gateway_mounts
     triton = one(objects, "Deployment", "triton")["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in triton["volumes"]}
     mounts = {

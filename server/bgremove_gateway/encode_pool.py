@@ -4,20 +4,22 @@ fpng and Pillow's WebP encoder keep the GIL for their whole run. From a worker t
 stops the event loop and every other thread: measured here on a 12 MP cut-out, the loop went 172 ms
 without running (fpng) and 76 ms (lossless WebP), against 7 ms for Pillow's own PNG encoder, which
 lets go of the GIL but takes 745 ms. Above MIN_PIXELS the pixels therefore go to a small process
-pool; the parent only copies them into the pipe (about 1 ms per megapixel with the GIL held).
-Smaller images stay in-process: a 1 MP fpng encode holds the GIL about 5 ms, less than the
-handoff would cost.
+pool; the parent only copies them, in bands, into shared memory (the loop's longest pause during a
+12 MP request: under 10 ms; the encode 172 -> 191 ms). Smaller images stay in-process: a 1 MP fpng
+encode holds the GIL about 5 ms, less than the handoff would cost.
 
-The workers start with the gateway (never in the middle of serving) and read the pixels from a
-shared-memory block (in /dev/shm, which is memory) that the parent unlinks as soon as the encode
-returns: nothing touches the disk. A worker that dies (killed for memory, say) breaks the pool; the
-call in hand is then encoded in-process and the next ones get a fresh pool.
+The workers start with the gateway (never in the middle of serving). Pixels and file pass through
+shared-memory blocks (in /dev/shm, which is memory) that the parent unlinks as soon as it has read
+them: nothing touches the disk. Where /dev/shm has no room (the chart mounts a memory volume there;
+a bare container has 64 MiB), or a worker dies (killed for memory, say), the call in hand is
+encoded in-process, and a dead worker's pool is replaced for the next ones.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -41,13 +43,28 @@ RGBA_PNG_FORMATS: Final = frozenset({pb.OUTPUT_FORMAT_PNG, pb.OUTPUT_FORMAT_UNSP
 GIL_HOLDING_FORMATS: Final = RGBA_PNG_FORMATS | {pb.OUTPUT_FORMAT_WEBP}
 
 
-def _encode_shared(
-    pixels_name: str, out_name: str, size: tuple[int, int], mode: str, fmt: int
-) -> tuple[int, str]:
-    """Runs in a worker process: encodes the pixels in shared memory `pixels_name` and writes the
-    file into `out_name`; returns its length and media type. Both blocks are the parent's."""
-    pixels_shm = shared_memory.SharedMemory(name=pixels_name)
-    out_shm = shared_memory.SharedMemory(name=out_name)
+def reserve(size: int) -> shared_memory.SharedMemory | None:
+    """A shared-memory block of `size` bytes with every page reserved now, or None where /dev/shm
+    has no room (a container's default is 64 MiB). Reserving up front turns a full /dev/shm into
+    this None instead of a SIGBUS halfway through writing the pixels."""
+    try:
+        block = shared_memory.SharedMemory(create=True, size=size)
+    except OSError:
+        return None
+    try:
+        os.posix_fallocate(block._fd, 0, size)  # type: ignore[attr-defined]
+    except OSError:
+        block.close()
+        block.unlink()
+        return None
+    return block
+
+
+def _encode_shared(name: str, size: tuple[int, int], mode: str, fmt: int) -> tuple[str, bytes, str]:
+    """Runs in a worker process: encodes the pixels in the parent's shared-memory block `name`.
+    Returns (block name, "", media type) with the file in a new block for the parent to read and
+    unlink, or ("", file, media type) when /dev/shm has no room for it."""
+    pixels_shm = shared_memory.SharedMemory(name=name)
     try:
         width, height = size
         pixels: npt.NDArray[np.uint8] = np.ndarray(
@@ -58,18 +75,35 @@ def _encode_shared(
         else:
             encoded = encode_image(Image.fromarray(pixels, mode), fmt)  # type: ignore[arg-type]
         del pixels  # a live view of the block would keep close() from unmapping it
-        data, out = encoded.data, out_shm.buf
-        assert out is not None
-        out[: len(data)] = data
-        del out
-        return len(data), encoded.content_type
     finally:
         pixels_shm.close()
-        out_shm.close()
+    out = reserve(len(encoded.data))
+    if out is None:
+        return "", encoded.data, encoded.content_type
+    buf = out.buf
+    assert buf is not None
+    buf[: len(encoded.data)] = encoded.data
+    del buf
+    out.close()
+    return out.name, b"", encoded.content_type
 
 
 def _ready() -> bool:
     return True
+
+
+def _take(name: str) -> bytes:
+    """The bytes of a worker's block, which is then unlinked."""
+    block = shared_memory.SharedMemory(name=name)
+    try:
+        buf = block.buf
+        assert buf is not None
+        data = bytes(buf)
+        del buf
+    finally:
+        block.close()
+        block.unlink()
+    return data
 
 
 class EncodePool:
@@ -80,8 +114,11 @@ class EncodePool:
         self.min_pixels = min_pixels
         self.remote_encodes = 0
         self.restarts = 0
-        # forkserver, not fork: the gateway has gRPC's and the pools' threads running.
-        self._context = multiprocessing.get_context("forkserver")
+        self.no_room = 0  # encodes done in-process because /dev/shm was full
+        # spawn: not fork, since the gateway has gRPC's and the pools' threads running, and not
+        # forkserver, which needs a writable temporary directory (the chart's root filesystem is
+        # read-only).
+        self._context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._pool = self._new_pool()
 
@@ -109,12 +146,12 @@ class EncodePool:
         image = cutout.image
         width, height = image.size
         row_bytes = width * len(image.mode)
-        # Shared memory (/dev/shm: memory, not disk) both ways rather than the pool's pipe:
-        # pickling 48 MB of pixels through a pipe took ~200 ms here, more than the encode itself.
-        # The output block is sized for the worst case; only the pages written are ever backed.
-        size = row_bytes * height
-        pixels_shm = shared_memory.SharedMemory(create=True, size=size)
-        out_shm = shared_memory.SharedMemory(create=True, size=size + size // 8 + (1 << 20))
+        # Shared memory (/dev/shm: memory, not disk) rather than the pool's pipe: pickling 48 MB
+        # of pixels through a pipe took ~200 ms here, more than the encode itself.
+        pixels_shm = reserve(row_bytes * height)
+        if pixels_shm is None:
+            self.no_room += 1
+            return encode_image(image, fmt)
         try:
             buf = pixels_shm.buf
             assert buf is not None
@@ -124,13 +161,12 @@ class EncodePool:
                 rows = image.crop((0, top, width, min(height, top + band))).tobytes()
                 buf[top * row_bytes : top * row_bytes + len(rows)] = rows
             del buf
-            length, content_type = pool.submit(
-                _encode_shared, pixels_shm.name, out_shm.name, image.size, image.mode, fmt
+            out_name, data, content_type = pool.submit(
+                _encode_shared, pixels_shm.name, image.size, image.mode, fmt
             ).result()
-            out = out_shm.buf
-            assert out is not None
-            result = Encoded(data=bytes(out[:length]), content_type=content_type)
-            del out
+            if out_name:
+                data = _take(out_name)
+            result = Encoded(data=data, content_type=content_type)
         except BrokenProcessPool:
             with self._lock:
                 if self._pool is pool:
@@ -139,9 +175,8 @@ class EncodePool:
                     self.restarts += 1
             return encode_image(cutout.image, fmt)
         finally:
-            for shm in (pixels_shm, out_shm):
-                shm.close()
-                shm.unlink()
+            pixels_shm.close()
+            pixels_shm.unlink()
         self.remote_encodes += 1
         return result
 
