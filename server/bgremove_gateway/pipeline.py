@@ -2,7 +2,8 @@
 
 CPU-bound steps run in a bounded thread pool (Pillow and numpy release the GIL), so the event loop
 keeps serving other streams while one image is decoded or encoded. The two resizes also split into
-strips over a second, helper pool (strips.py), so one request alone uses every core.
+strips over a second, helper pool (strips.py), so one request alone uses every core. Large PNG and
+WebP encodes go to worker processes (encode_pool.py): their encoders hold the GIL throughout.
 """
 
 from __future__ import annotations
