@@ -34,12 +34,8 @@ def gateway(otlp: OtlpReceiver) -> Iterator[GatewayProcess]:
             "OTEL_BSP_SCHEDULE_DELAY": "200",
         },
     )
-    gw.start()
-    try:
-        gw.wait_serving()
+    with gw.serving():
         yield gw
-    finally:
-        gw.stop()
 
 
 @pytest.fixture(scope="session")

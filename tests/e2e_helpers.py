@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
-from PIL import Image
+from PIL import ExifTags, Image, ImageCms
 
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
@@ -94,3 +94,18 @@ def reference_mask(image: Image.Image) -> npt.NDArray[np.uint8]:
 def iou(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_]) -> float:
     union = np.logical_or(a, b).sum()
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def phone_metadata() -> dict[str, object]:
+    """Save() keywords for what a phone puts in a photo: EXIF orientation 6 (display rotated 90
+    degrees clockwise), camera and GPS tags, an ICC profile and XMP, with marker strings
+    ("SecretCam", "secret-xmp") to look for in outputs."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    exif[ExifTags.Base.Make] = "SecretCam"
+    gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+    gps[ExifTags.GPS.GPSLatitudeRef] = "N"
+    gps[ExifTags.GPS.GPSLatitude] = (48.0, 51.0, 29.5)
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    xmp = b"<x:xmpmeta xmlns:x='adobe:ns:meta/'>secret-xmp</x:xmpmeta>"
+    return {"exif": exif, "icc_profile": icc, "xmp": xmp}

@@ -7,6 +7,7 @@ picked by the kernel, so tests run beside a developer's `make run`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -205,6 +207,16 @@ class GatewayProcess:
                 return
             time.sleep(0.5)
         raise RuntimeError("gateway not SERVING in time:\n" + "\n".join(list(self.lines)[-50:]))
+
+    @contextlib.contextmanager
+    def serving(self, timeout_s: float = 240.0) -> Iterator[GatewayProcess]:
+        """Started and SERVING for the block; stopped after it, whatever happened."""
+        self.start()
+        try:
+            self.wait_serving(timeout_s)
+            yield self
+        finally:
+            self.stop()
 
     def stop(self, timeout_s: float = 60.0) -> int:
         assert self.proc is not None

@@ -21,6 +21,7 @@ from skimage import data as skdata
 from bgremove_gateway.config import Limits
 from bgremove_gateway.decode import decode, sniff_content_type
 from bgremove_gateway.errors import ServiceError
+from e2e_helpers import phone_metadata
 
 LIMITS = Limits()
 SUPPORTED = "image/jpeg, image/png, image/webp"
@@ -375,15 +376,7 @@ def exif_rotated_jpeg() -> tuple[bytes, Image.Image]:
     ICC profile and XMP. The stored pixels have a red block in the top-left corner."""
     image = Image.new("RGB", (60, 40), "white")
     image.paste((255, 0, 0), (0, 0, 20, 10))
-    exif = Image.Exif()
-    exif[ExifTags.Base.Orientation] = 6
-    exif[ExifTags.Base.Make] = "SecretCam"
-    gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
-    gps[ExifTags.GPS.GPSLatitudeRef] = "N"
-    gps[ExifTags.GPS.GPSLatitude] = (48.0, 51.0, 29.5)
-    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    xmp = b"<x:xmpmeta xmlns:x='adobe:ns:meta/'>secret-xmp</x:xmpmeta>"
-    return encoded(image, "JPEG", quality=95, exif=exif, icc_profile=icc, xmp=xmp), image
+    return encoded(image, "JPEG", quality=95, **phone_metadata()), image
 
 
 def test_exif_orientation_is_applied_and_metadata_dropped() -> None:

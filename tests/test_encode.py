@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import ExifTags, Image, ImageCms, JpegImagePlugin
+from PIL import Image, JpegImagePlugin
 from skimage import data as skdata
 
 from bgremove.v1 import bgremove_pb2 as pb
@@ -15,6 +15,7 @@ from bgremove_gateway.config import Limits
 from bgremove_gateway.decode import DecodedImage, decode
 from bgremove_gateway.encode import encode
 from bgremove_gateway.postprocess import Cutout, compose
+from e2e_helpers import phone_metadata
 
 ALL_FORMATS = [
     pb.OUTPUT_FORMAT_UNSPECIFIED,
@@ -100,16 +101,8 @@ def test_a_cutout_made_for_another_format_is_a_programming_error() -> None:
 def photo_with_metadata() -> bytes:
     """A 60x40 JPEG with EXIF orientation 6 (display rotated 90 degrees clockwise), camera and GPS
     tags, an ICC profile and XMP: everything a phone puts in a photo."""
-    exif = Image.Exif()
-    exif[ExifTags.Base.Orientation] = 6
-    exif[ExifTags.Base.Make] = "SecretCam"
-    gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
-    gps[ExifTags.GPS.GPSLatitudeRef] = "N"
-    gps[ExifTags.GPS.GPSLatitude] = (48.0, 51.0, 29.5)
-    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    xmp = b"<x:xmpmeta xmlns:x='adobe:ns:meta/'>secret-xmp</x:xmpmeta>"
     out = io.BytesIO()
-    Image.new("RGB", (60, 40), "white").save(out, "JPEG", exif=exif, icc_profile=icc, xmp=xmp)
+    Image.new("RGB", (60, 40), "white").save(out, "JPEG", **phone_metadata())
     data = out.getvalue()
     assert b"SecretCam" in data and b"secret-xmp" in data and b"acsp" in data  # ICC header signature
     return data

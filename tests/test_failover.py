@@ -93,12 +93,8 @@ def pooled_gateway(tritons: list[EmbeddedTriton]) -> Any:
             "DEBUG",
         ]
     )
-    gw.start()
-    try:
-        gw.wait_serving(60)
+    with gw.serving(60):
         yield gw
-    finally:
-        gw.stop()
 
 
 @pytest.fixture(scope="module")

@@ -64,12 +64,8 @@ def strict(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
             str(MAX_SIDE),
         ]
     )
-    gw.start()
-    try:
-        gw.wait_serving(60)
+    with gw.serving(60):
         yield gw
-    finally:
-        gw.stop()
 
 
 def encoded(image: Image.Image, fmt: str, **params: object) -> bytes:

@@ -280,12 +280,8 @@ def pod_gateway(gateway: GatewayProcess, *args: str) -> Iterator[GatewayProcess]
         port=port,
         health_port=health_port,
     )
-    gw.start()
-    try:
-        gw.wait_serving(60)
+    with gw.serving(60):
         yield gw
-    finally:
-        gw.stop()
 
 
 @pytest.mark.slow
