@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import logging
 from collections.abc import Callable
 from typing import Final
@@ -31,6 +32,7 @@ TRIM_THRESHOLD_BYTES: Final = 1024 * 1024 * 1024
 IDLE_TRIM_DELAY_S: Final = 0.3
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL(None)
