@@ -10,6 +10,7 @@ import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +36,7 @@ from bgremove_gateway.triton_process import (
     TritonStartError,
     _alive,
     _child_pids,
+    parent_death_launch,
 )
 from service_harness import OtlpReceiver, free_port
 
@@ -392,3 +394,40 @@ async def test_triton_does_not_outlive_a_crashed_gateway(prepared_repo: Path, tm
     await asyncio.to_thread(wait_until, lambda: not _alive(triton_pid), 30)
     assert not _alive(triton_pid), "Triton kept running after its parent died"
     shutil.rmtree(leftover, ignore_errors=True)
+
+
+_LAUNCHER = """
+import asyncio, sys
+from bgremove_gateway.triton_process import parent_death_launch
+
+async def main():
+    prefix, preexec = parent_death_launch()
+    child = await asyncio.create_subprocess_exec(
+        *prefix, "sleep", "120", start_new_session=True, preexec_fn=preexec
+    )
+    print(child.pid, flush=True)
+    await asyncio.sleep(120)
+
+asyncio.run(main())
+"""
+
+
+def test_what_the_gateway_starts_dies_with_it_and_needs_no_preexec_fn() -> None:
+    """Triton is started the same way: if the gateway is killed, the kernel stops its Triton too.
+    No preexec_fn, so Python vforks and gRPC's fork handlers never run in the child."""
+    prefix, preexec = parent_death_launch()
+    assert preexec is None and Path(prefix[0]).name == "setpriv"
+    parent = subprocess.Popen([sys.executable, "-c", _LAUNCHER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        os.kill(child, 0)  # running
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(child):
+            time.sleep(0.05)
+        assert not _alive(child), "the child outlived its killed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()

@@ -123,19 +123,27 @@ async def not_ready(http_url: str, models: list[str]) -> list[str]:
     return [name for name, ok in zip(urls, results, strict=True) if not ok]
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A preexec_fn that makes the kernel SIGTERM Triton when the gateway dies without stopping
-    it (killed, OOM), so no orphaned Triton keeps holding the ports. libc is looked up here, in
-    the parent: the forked child then only makes one system call, and takes no loader locks."""
+def parent_death_launch() -> tuple[list[str], Callable[[], None] | None]:
+    """(argv prefix, preexec_fn) that make the kernel SIGTERM Triton when the gateway dies without
+    stopping it (killed, OOM), so no orphaned Triton keeps holding the ports.
+
+    util-linux's setpriv sets the signal in the child just before it executes Triton, so the
+    gateway needs no preexec_fn. With one, Python forks instead of vforking and the child runs
+    gRPC's fork handlers while gRPC's threads are busy; that aborted Triton's start now and then
+    (signal 6, "epoll_wait error: Bad file descriptor"). Without setpriv, a prctl preexec_fn does
+    it; libc is looked up here, in the parent, so the forked child makes one system call."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:
+        return [setpriv, "--pdeathsig", "TERM", "--"], None
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):  # not Linux
-        return None
+        return [], None
 
     def preexec() -> None:
         prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
-    return preexec
+    return [], preexec
 
 
 def _child_pids(pid: int) -> list[int]:
@@ -287,8 +295,10 @@ class EmbeddedTriton:
         self._log.clear()
         argv = self.command(self._backend_root / "backends", install.server)
         log.info("starting Triton: %s", " ".join(argv))
+        launcher, preexec = parent_death_launch()
         try:
             self._process = await asyncio.create_subprocess_exec(
+                *launcher,
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
@@ -297,7 +307,7 @@ class EmbeddedTriton:
                 # Own process group: a Ctrl-C on the terminal reaches the gateway, which drains
                 # first and then stops Triton, instead of both stopping at once.
                 start_new_session=True,
-                preexec_fn=_parent_death_signal(),
+                preexec_fn=preexec,
                 limit=1 << 20,
             )
         except OSError as exc:
