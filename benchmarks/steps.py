@@ -2,8 +2,8 @@
 
 The model is not run: a mask from a previous real run stands in, since only the gateway's own
 overhead is measured here. Median of N runs. The allocator is set up as `bgremove serve` sets it,
-and each image is measured twice in turn: the resizes in one thread, then split into --strips
-strips over a helper pool as the gateway does (strips.py).
+and each image is measured twice in turn: every step in one thread, then the resizes and the cut-out
+split into --strips bands over a helper pool as the gateway does for a request alone (strips.py).
 
     .venv/bin/python benchmarks/steps.py [IMAGES_DIR] [--format png] [--strips 2]
 """
@@ -61,7 +61,14 @@ def measure(
     _, t_pre = timed(lambda: to_model_input(decoded.image, helpers=helpers, parts=parts), n)
     size = decoded.image.size
     cut, t_post = timed(
-        lambda: compose(decoded, mask_to_alpha(mask, size, helpers=helpers, parts=parts), opts), n
+        lambda: compose(
+            decoded,
+            mask_to_alpha(mask, size, helpers=helpers, parts=parts),
+            opts,
+            helpers=helpers,
+            parts=parts,
+        ),
+        n,
     )
     enc, t_enc = timed(lambda: encode(cut, fmt), n)
     row = {"decode": t_dec, "preprocess": t_pre, "postprocess": t_post, "encode": t_enc}

@@ -41,8 +41,11 @@ def reopen(data: bytes) -> Image.Image:
 
 
 @pytest.mark.parametrize("fmt", [pb.OUTPUT_FORMAT_UNSPECIFIED, pb.OUTPUT_FORMAT_PNG])
-def test_png_is_a_lossless_rgba_cutout(fmt: pb.OutputFormat) -> None:
-    cutout = cutout_for(fmt)
+@pytest.mark.parametrize(
+    "options", [{}, {"crop": True}, {"max_output_side": 300}], ids=["whole", "crop", "fit"]
+)
+def test_png_is_a_lossless_rgba_cutout(fmt: pb.OutputFormat, options: dict[str, Any]) -> None:
+    cutout = cutout_for(fmt, **options)
     encoded = encode(cutout, fmt)
     assert encoded.content_type == "image/png"
     back = reopen(encoded.data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -77,3 +78,15 @@ def test_small_outputs_and_no_helpers_take_the_single_call() -> None:
     assert np.array_equal(np.asarray(tiny), np.asarray(image.resize((100, 100), LANCZOS)))
     alone = strips.resize(image, (320, 320), LANCZOS)
     assert np.array_equal(np.asarray(alone), np.asarray(image.resize((320, 320), LANCZOS)))
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_bands_cover_every_row_once_in_order(helpers: ThreadPoolExecutor, parts: int) -> None:
+    bands = strips.for_bands((1000, 301), lambda top, bottom: (top, bottom), helpers=helpers, parts=parts)
+    assert len(bands) == parts
+    assert bands[0][0] == 0 and bands[-1][1] == 301
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bands))
+
+
+def test_small_images_are_one_band(helpers: ThreadPoolExecutor) -> None:
+    assert strips.for_bands((100, 100), lambda t, b: (t, b), helpers=helpers, parts=2) == [(0, 100)]

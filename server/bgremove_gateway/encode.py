@@ -46,6 +46,8 @@ class Encoded:
 
 def encode(cutout: Cutout, fmt: pb.OutputFormat) -> Encoded:
     """Encodes `cutout` (made by compose() for the same format); UNSPECIFIED means PNG."""
+    if cutout.pixels is not None and fmt in (pb.OUTPUT_FORMAT_PNG, pb.OUTPUT_FORMAT_UNSPECIFIED):
+        return encode_rgba_png(cutout.pixels)
     return encode_image(cutout.image, fmt)
 
 

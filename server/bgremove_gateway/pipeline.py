@@ -1,9 +1,10 @@
 """upload → decode → preprocess → infer → postprocess → encode, one span per step.
 
 CPU-bound steps run in a bounded thread pool (Pillow and numpy release the GIL), so the event loop
-keeps serving other streams while one image is decoded or encoded. The two resizes also split into
-strips over a second, helper pool (strips.py), so one request alone uses every core. Large PNG and
-WebP encodes go to worker processes (encode_pool.py): their encoders hold the GIL throughout.
+keeps serving other streams while one image is decoded or encoded. When a request is alone in the
+gateway, its two resizes also split into strips over a second, helper pool (strips.py), so it uses
+every core. Large PNG and WebP encodes go to worker processes (encode_pool.py): their encoders hold
+the GIL throughout.
 """
 
 from __future__ import annotations
@@ -66,6 +67,14 @@ class Pipeline:
         self.helpers = helpers
         self.parts = min(settings.cpu_workers, MAX_STRIPS)
         self.models: Sequence[str] = (settings.default_model,)
+        self._running = 0  # requests inside run(); only the event loop changes it
+
+    def _strips(self) -> int:
+        """Strips for a resize now: all of them for a request that is alone, else one. With
+        other requests in flight the cores are busy (with their steps or with the model) and a
+        split only adds work: two strips cost 15-30% more CPU than one here, and on a busy core
+        a strip also holds back the model's threads waiting on it."""
+        return self.parts if self._running <= 1 else 1
 
     async def _cpu(self, step: str, fn: Callable[[], T]) -> T:
         with tracer.start_as_current_span(step):
@@ -102,6 +111,13 @@ class Pipeline:
     async def run(
         self, upload: Upload, *, timeout_s: float | None = None, ticket: Ticket | None = None
     ) -> Result:
+        self._running += 1
+        try:
+            return await self._run(upload, timeout_s, ticket)
+        finally:
+            self._running -= 1
+
+    async def _run(self, upload: Upload, timeout_s: float | None, ticket: Ticket | None) -> Result:
         options = upload.options
         model = options.model or self.settings.default_model
         limits = self.settings.limits
@@ -116,16 +132,21 @@ class Pipeline:
         decoded = await self._cpu("decode", lambda: decode(upload.data, upload.content_type, limits, admit))
         width, height = decoded.image.size
         trace.get_current_span().set_attribute("bgremove.image.pixels", width * height)
-        helpers, parts = self.helpers, self.parts
+        helpers, parts = self.helpers, self._strips()
         tensor = await self._cpu(
             "preprocess", lambda: to_model_input(decoded.image, helpers=helpers, parts=parts)
         )
         with tracer.start_as_current_span("infer", kind=trace.SpanKind.CLIENT):
             mask = await self.inference.infer(model, tensor, timeout_s=timeout_s)
+        parts = self._strips()
         cutout = await self._cpu(
             "postprocess",
             lambda: compose(
-                decoded, mask_to_alpha(mask, (width, height), helpers=helpers, parts=parts), options
+                decoded,
+                mask_to_alpha(mask, (width, height), helpers=helpers, parts=parts),
+                options,
+                helpers=helpers,
+                parts=parts,
             ),
         )
         encoder = self.encoder.encode if self.encoder is not None else encode

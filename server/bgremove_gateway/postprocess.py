@@ -23,7 +23,6 @@ Box = tuple[int, int, int, int]  # left, top, right, bottom (exclusive)
 # The subject is where alpha is at least half: the same threshold for bbox, crop and the header.
 FOREGROUND_THRESHOLD: Final = 128
 _FOREGROUND_LUT: Final = [0] * FOREGROUND_THRESHOLD + [255] * (256 - FOREGROUND_THRESHOLD)
-_VISIBLE_LUT: Final = [0] + [255] * 255
 _WHITE: Final = (255, 255, 255)
 # Same trade-off as the model input (see preprocess): indistinguishable from plain LANCZOS, and
 # 3-5x faster when a 20 MP cut-out is shrunk to a thumbnail.
@@ -35,6 +34,16 @@ class Cutout:
     image: Image.Image  # RGBA cut-out, "L" matte (MASK), or RGB on the background colour (JPEG)
     bbox: tuple[int, int, int, int] | None  # foreground x, y, w, h in output pixels; None if empty
     input_size: tuple[int, int]  # (w, h) after EXIF orientation
+    # `image`'s own memory as [H, W, 4] uint8 when it is an RGBA cut-out made here, so the PNG
+    # encoder reads it in place instead of copying the image out first (a 4 MB copy at 1 MP).
+    pixels: npt.NDArray[np.uint8] | None = None
+
+
+# The 320x320 mask is upsampled with BICUBIC, not the LANCZOS rembg uses. Measured on 19 photos
+# (0.3-12 MP) with real U2-Net-P masks: mean difference 0.05-0.11 levels, at most 12 levels on an
+# edge, IoU >= 0.996 at alpha 128, while a 1 MP upsample takes 6.0 ms instead of 8.2 (2.6 instead
+# of 3.9 in two strips). BILINEAR was faster still but up to 27 levels off on edges.
+MATTE_RESAMPLE: Final = Image.Resampling.BICUBIC
 
 
 def mask_to_alpha(
@@ -44,13 +53,36 @@ def mask_to_alpha(
     helpers: Executor | None = None,
     parts: int = 2,
 ) -> Image.Image:
-    """The model's square uint8 mask as an "L" matte of `size` (w, h), resized with LANCZOS as
-    rembg does (no aspect kept: the model saw the image squashed to a square). With `helpers`,
-    the resize runs in `parts` strips in parallel (see strips.py)."""
+    """The model's square uint8 mask as an "L" matte of `size` (w, h), resized with
+    MATTE_RESAMPLE (no aspect kept: the model saw the image squashed to a square). With
+    `helpers`, the resize runs in `parts` strips in parallel (see strips.py)."""
     if mask.dtype != np.uint8 or mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
         raise ValueError(f"expected a square uint8 mask, got {mask.dtype} of shape {mask.shape}")
     matte = Image.fromarray(np.ascontiguousarray(mask))
-    return strips.resize(matte, size, Image.Resampling.LANCZOS, helpers=helpers, parts=parts)
+    return strips.resize(matte, size, MATTE_RESAMPLE, helpers=helpers, parts=parts)
+
+
+def _cut_out(
+    image: Image.Image, alpha: Image.Image, helpers: Executor | None, parts: int
+) -> tuple[Image.Image, npt.NDArray[np.uint8]]:
+    """RGBA with `alpha`; RGB kept where alpha > 0 and zeroed where it is 0; also its pixels as
+    [H, W, 4]. One whole-pixel multiply on 32-bit words, in bands of rows on several cores
+    (strips.for_bands): 1 MP in 2.7 ms on one core where a masked paste onto a blank image took
+    6.2 ms."""
+    width, height = image.size
+    words = np.empty((height, width), np.uint32)
+
+    def band(top: int, bottom: int) -> None:
+        box = (0, top, width, bottom)
+        # crop() copies, so the decoded image stays intact (convert() alone would too for RGB)
+        rgba = image.crop(box).convert("RGBA")
+        matte = alpha.crop(box)
+        rgba.putalpha(matte)
+        np.multiply(np.asarray(rgba).view(np.uint32)[..., 0], np.asarray(matte) != 0, out=words[top:bottom])
+
+    strips.for_bands(image.size, band, helpers=helpers, parts=parts)
+    pixels = words.view(np.uint8).reshape(height, width, 4)
+    return Image.frombuffer("RGBA", image.size, pixels, "raw", "RGBA", 0, 1), pixels
 
 
 def _foreground_box(alpha: Image.Image) -> Box | None:
@@ -68,21 +100,21 @@ def _widen(box: Box, margin: int, size: tuple[int, int]) -> Box:
     )
 
 
-def _render(image: Image.Image, alpha: Image.Image, options: pb.Options) -> Image.Image:
+def _render(
+    image: Image.Image, alpha: Image.Image, options: pb.Options, helpers: Executor | None, parts: int
+) -> tuple[Image.Image, npt.NDArray[np.uint8] | None]:
     if options.format == pb.OUTPUT_FORMAT_MASK:
-        return alpha
+        return alpha, None
     if options.format == pb.OUTPUT_FORMAT_JPEG:
         color = options.bg_color
         rgb = (color.r, color.g, color.b) if options.HasField("bg_color") else _WHITE
         background = Image.new("RGB", image.size, rgb)
-        return Image.composite(image if image.mode == "RGB" else image.convert("RGB"), background, alpha)
+        opaque = image if image.mode == "RGB" else image.convert("RGB")
+        return Image.composite(opaque, background, alpha), None
     # Fully transparent pixels become transparent black rather than keeping their colour: the
     # removed background must not be recoverable from the file by dropping the alpha channel (and
     # PNGs come out much smaller). Pixels with any opacity keep their exact colour.
-    cutout = Image.new("RGBA", image.size)
-    cutout.paste(image, mask=alpha.point(_VISIBLE_LUT))
-    cutout.putalpha(alpha)
-    return cutout
+    return _cut_out(image, alpha, helpers, parts)
 
 
 def _scale_box(box: Box, old: tuple[int, int], new: tuple[int, int]) -> Box:
@@ -102,8 +134,16 @@ def _fit(image: Image.Image, box: Box | None, max_side: int) -> tuple[Image.Imag
     return resized, None if box is None else _scale_box(box, image.size, size)
 
 
-def compose(decoded: DecodedImage, alpha: Image.Image, options: pb.Options) -> Cutout:
-    """Applies the matte (times any alpha the input had), then crop, then max_output_side."""
+def compose(
+    decoded: DecodedImage,
+    alpha: Image.Image,
+    options: pb.Options,
+    *,
+    helpers: Executor | None = None,
+    parts: int = 2,
+) -> Cutout:
+    """Applies the matte (times any alpha the input had), then crop, then max_output_side. With
+    `helpers`, a cut-out is made in `parts` bands of rows in parallel (strips.for_bands)."""
     image = decoded.image
     if alpha.mode != "L" or alpha.size != image.size:
         raise ValueError(f"alpha must be an 'L' image of {image.size}, got {alpha.mode!r} {alpha.size}")
@@ -116,6 +156,9 @@ def compose(decoded: DecodedImage, alpha: Image.Image, options: pb.Options) -> C
         image, alpha = image.crop(region), alpha.crop(region)
         left, top = region[0], region[1]
         box = (box[0] - left, box[1] - top, box[2] - left, box[3] - top)
-    result, box = _fit(_render(image, alpha, options), box, options.max_output_side)
+    rendered, pixels = _render(image, alpha, options, helpers, parts)
+    result, box = _fit(rendered, box, options.max_output_side)
     bbox = None if box is None else (box[0], box[1], box[2] - box[0], box[3] - box[1])
-    return Cutout(image=result, bbox=bbox, input_size=decoded.image.size)
+    return Cutout(
+        image=result, bbox=bbox, input_size=decoded.image.size, pixels=pixels if result is rendered else None
+    )

@@ -13,12 +13,30 @@ Measured here on a 1 MP photo, two strips on 2 cores: model input 11.8 -> 7.5 ms
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Executor
+from typing import TypeVar
 
 from PIL import Image
 
 # Below this many output pixels a strip's handoff costs more than it saves.
 MIN_SPLIT_PIXELS = 64 * 1024
+T = TypeVar("T")
+
+
+def for_bands(
+    size: tuple[int, int], work: Callable[[int, int], T], *, helpers: Executor | None, parts: int
+) -> list[T]:
+    """`work(top, bottom)` for each of `parts` bands of rows of an image of `size`, the first in
+    the calling thread and the rest on `helpers` at the same time; one band when the image is too
+    small to be worth splitting. `helpers` must not be the pool the caller runs on (a caller
+    waiting on its own pool's queue can deadlock it)."""
+    width, height = size
+    if helpers is None or parts < 2 or width * height < MIN_SPLIT_PIXELS or height < parts:
+        return [work(0, height)]
+    rows = [round(i * height / parts) for i in range(parts + 1)]
+    rest = [helpers.submit(work, rows[i], rows[i + 1]) for i in range(1, parts)]
+    return [work(rows[0], rows[1]), *(future.result() for future in rest)]
 
 
 def resize(
@@ -30,9 +48,7 @@ def resize(
     helpers: Executor | None = None,
     parts: int = 2,
 ) -> Image.Image:
-    """`image.resize(size, resample, reducing_gap=...)`, computed in `parts` strips: the first
-    in the calling thread, the rest on `helpers`. `helpers` must not be the pool the caller runs
-    on (a caller waiting on its own pool's queue can deadlock it)."""
+    """`image.resize(size, resample, reducing_gap=...)`, computed in `parts` strips (for_bands)."""
     width, height = size
     if helpers is None or parts < 2 or width * height < MIN_SPLIT_PIXELS or height < parts:
         return image.resize(size, resample, reducing_gap=reducing_gap)
@@ -46,16 +62,12 @@ def resize(
         if factor_x > 1 or factor_y > 1:
             image = image.reduce((factor_x, factor_y))
             src_w, src_h = src_w / factor_x, src_h / factor_y
-    rows = [round(i * height / parts) for i in range(parts + 1)]
 
-    def strip(i: int) -> Image.Image:
-        top, bottom = rows[i], rows[i + 1]
+    def strip(top: int, bottom: int) -> tuple[int, Image.Image]:
         box = (0.0, top * src_h / height, src_w, bottom * src_h / height)
-        return image.resize((width, bottom - top), resample, box=box)
+        return top, image.resize((width, bottom - top), resample, box=box)
 
-    rest = [helpers.submit(strip, i) for i in range(1, parts)]
     out = Image.new(image.mode, size)
-    out.paste(strip(0), (0, 0))
-    for i, future in enumerate(rest, start=1):
-        out.paste(future.result(), (0, rows[i]))
+    for top, part in for_bands(size, strip, helpers=helpers, parts=parts):
+        out.paste(part, (0, top))
     return out
