@@ -2,9 +2,9 @@
 
 CPU-bound steps run in a bounded thread pool (Pillow and numpy release the GIL), so the event loop
 keeps serving other streams while one image is decoded or encoded. When a request is alone in the
-gateway, its two resizes also split into strips over a second, helper pool (strips.py), so it uses
-every core. Large PNG and WebP encodes go to worker processes (encode_pool.py): their encoders hold
-the GIL throughout.
+gateway, its two resizes and its cut-out also split into bands of rows over a second, helper pool
+(strips.py), so it uses every core. Large PNG and WebP encodes go to worker processes
+(encode_pool.py): their encoders hold the GIL throughout.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class Pipeline:
         self._running = 0  # requests inside run(); only the event loop changes it
 
     def _strips(self) -> int:
-        """Strips for a resize now: all of them for a request that is alone, else one. With
+        """Bands for a CPU step now: all of them for a request that is alone, else one. With
         other requests in flight the cores are busy (with their steps or with the model) and a
         split only adds work: two strips cost 15-30% more CPU than one here, and on a busy core
         a strip also holds back the model's threads waiting on it."""
