@@ -178,15 +178,21 @@ def test_over_the_rate_is_resource_exhausted_with_retry_info(keyed: Keyed) -> No
     assert stream(target, metadata).width == 451
 
 
+async def held_upload(data: bytes, release: asyncio.Event) -> AsyncIterator[pb.UploadRequest]:
+    """A JPEG upload that sends its header, then holds its chunks back until `release` is set:
+    the call stays admitted and in flight for as long as the test needs."""
+    messages = list(upload_messages(data, "image/jpeg"))
+    yield messages[0]
+    await release.wait()
+    for message in messages[1:]:
+        yield message
+
+
 async def test_stream_cap_refuses_the_call_over_it_until_one_finishes(keyed: Keyed) -> None:
     release = asyncio.Event()
 
-    async def held() -> AsyncIterator[pb.UploadRequest]:
-        messages = list(upload_messages(JPEG, "image/jpeg"))
-        yield messages[0]
-        await release.wait()
-        for message in messages[1:]:
-            yield message
+    def held() -> AsyncIterator[pb.UploadRequest]:
+        return held_upload(JPEG, release)
 
     async with grpc.aio.insecure_channel(keyed.gateway.target) as channel:
         stub = pb_grpc.BackgroundRemovalStub(channel)
@@ -219,17 +225,12 @@ async def test_refusals_reach_asyncio_clients_intact(keyed: Keyed) -> None:
     async with AsyncClient(keyed.gateway.target, api_key=keyed.keys["capped"], chunk_size=16384) as client:
         release = asyncio.Event()
 
-        async def held() -> AsyncIterator[pb.UploadRequest]:
-            messages = list(upload_messages(photo, "image/jpeg"))
-            yield messages[0]
-            await release.wait()
-            for message in messages[1:]:
-                yield message
-
         async with grpc.aio.insecure_channel(keyed.gateway.target) as channel:
             stub = pb_grpc.BackgroundRemovalStub(channel)
             blockers = [
-                stub.StreamRemoveBackground(held(), metadata=keyed.bearer("capped"), timeout=60)
+                stub.StreamRemoveBackground(
+                    held_upload(photo, release), metadata=keyed.bearer("capped"), timeout=60
+                )
                 for _ in range(2)
             ]
             await asyncio.sleep(1.0)
