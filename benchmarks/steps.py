@@ -2,7 +2,7 @@
 
 The model is not run: a mask from a previous real run stands in, since only the gateway's own
 overhead is measured here. Median of N runs. The allocator is set up as `bgremove serve` sets it,
-and each image is measured twice in turn: every step in one thread, then the resizes and the cut-out
+and each image is measured twice in turn: every step in one thread, then the model-input resize
 split into --strips bands over a helper pool as the gateway does for a request alone (strips.py).
 
     .venv/bin/python benchmarks/steps.py [IMAGES_DIR] [--format png] [--strips 2]
@@ -60,16 +60,7 @@ def measure(
     decoded, t_dec = timed(lambda: decode(data, "image/jpeg", Limits()), n)
     _, t_pre = timed(lambda: to_model_input(decoded.image, helpers=helpers, parts=parts), n)
     size = decoded.image.size
-    cut, t_post = timed(
-        lambda: compose(
-            decoded,
-            mask_to_alpha(mask, size, helpers=helpers, parts=parts),
-            opts,
-            helpers=helpers,
-            parts=parts,
-        ),
-        n,
-    )
+    cut, t_post = timed(lambda: compose(decoded, mask_to_alpha(mask, size), opts), n)
     enc, t_enc = timed(lambda: encode(cut, fmt), n)
     row = {"decode": t_dec, "preprocess": t_pre, "postprocess": t_post, "encode": t_enc}
     row["total"] = sum(row.values())

@@ -1,4 +1,4 @@
-"""A request alone in the gateway splits its resizes and its cut-out over every core; under
+"""A request alone in the gateway splits its model-input resize over every core; under
 concurrency it does not (the cores are busy with other requests and the model, and a split only
 adds work)."""
 
@@ -82,7 +82,7 @@ async def test_a_request_alone_splits_its_cpu_steps(helpers: CountingHelpers, ph
         pipeline = Pipeline(Settings(cpu_workers=2), inference, executor, helpers)
         result = await pipeline.run(unary_upload(request(photo), Limits()))
     assert (result.header.width, result.header.height) == (1224, 817)
-    assert helpers.strips == 3  # the second band of the model input, of the matte, of the cut-out
+    assert helpers.strips == 1  # the second band of the model input
 
 
 async def test_concurrent_requests_resize_whole(helpers: CountingHelpers, photo: bytes) -> None:
@@ -97,4 +97,4 @@ async def test_concurrent_requests_resize_whole(helpers: CountingHelpers, photo:
         # Once the others are done, a request is alone again and splits.
         await pipeline.run(unary_upload(request(photo), Limits()))
     assert all(r.header.width == 1224 for r in results)
-    assert helpers.strips == 3
+    assert helpers.strips == 1

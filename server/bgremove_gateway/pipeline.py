@@ -2,7 +2,7 @@
 
 CPU-bound steps run in a bounded thread pool (Pillow and numpy release the GIL), so the event loop
 keeps serving other streams while one image is decoded or encoded. When a request is alone in the
-gateway, its two resizes and its cut-out also split into bands of rows over a second, helper pool
+gateway, its model-input resize also splits into bands of rows over a second, helper pool
 (strips.py), so it uses every core. Large PNG and WebP encodes go to worker processes
 (encode_pool.py): their encoders hold the GIL throughout.
 """
@@ -138,16 +138,8 @@ class Pipeline:
         )
         with tracer.start_as_current_span("infer", kind=trace.SpanKind.CLIENT):
             mask = await self.inference.infer(model, tensor, timeout_s=timeout_s)
-        parts = self._strips()
         cutout = await self._cpu(
-            "postprocess",
-            lambda: compose(
-                decoded,
-                mask_to_alpha(mask, (width, height), helpers=helpers, parts=parts),
-                options,
-                helpers=helpers,
-                parts=parts,
-            ),
+            "postprocess", lambda: compose(decoded, mask_to_alpha(mask, (width, height)), options)
         )
         encoder = self.encoder.encode if self.encoder is not None else encode
         encoded = await self._cpu("encode", lambda: encoder(cutout, options.format))

@@ -7,8 +7,8 @@ the rest of the image). The only difference is floating-point rounding of a stri
 can move a value by one level: at most 1 in 1000 values, by at most 1 (tests/test_strips.py).
 Pillow releases the GIL while resampling, so the strips run in parallel.
 
-Measured here on a 1 MP photo, two strips on 2 cores: model input 11.8 -> 7.5 ms, mask upsample
-6.1 -> 4.3 ms. Under full load the cores are busy anyway and the split costs only the handoff.
+Measured here on a 1 MP photo, two strips on 2 cores: model input 11.8 -> 7.5 ms. Under full load
+the cores are busy anyway and the split costs only the handoff.
 """
 
 from __future__ import annotations
