@@ -1,11 +1,10 @@
 """Per-step cost of the gateway's CPU work (decode, preprocess, postprocess, encode), in-process.
 
-The model is not run: a mask from a previous real run stands in, since only the gateway's own
-overhead is measured here. Median of N runs. The allocator is set up as `bgremove serve` sets it,
-and each image is measured twice in turn: every step in one thread, then the model-input resize
-split into --strips bands over a helper pool as the gateway does for a request alone (strips.py).
+The model is not run: a blob-shaped mask stands in, since only the gateway's own overhead is
+measured here. Median of N runs, every step in one thread. The allocator is set up as
+`bgremove serve` sets it.
 
-    .venv/bin/python benchmarks/steps.py [IMAGES_DIR] [--format png] [--strips 2]
+    .venv/bin/python benchmarks/steps.py [IMAGES_DIR] [--format png]
 """
 
 from __future__ import annotations
@@ -15,11 +14,11 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove_gateway.config import Limits
@@ -50,15 +49,13 @@ def timed(fn: Callable[[], T], n: int) -> tuple[T, float]:
 
 def measure(
     data: bytes,
-    mask: np.ndarray,
+    mask: npt.NDArray[np.uint8],
     opts: pb.Options,
     fmt: pb.OutputFormat,
     n: int,
-    helpers: Executor | None,
-    parts: int,
 ) -> tuple[dict[str, float], tuple[int, int], int]:
     decoded, t_dec = timed(lambda: decode(data, "image/jpeg", Limits()), n)
-    _, t_pre = timed(lambda: to_model_input(decoded.image, helpers=helpers, parts=parts), n)
+    _, t_pre = timed(lambda: to_model_input(decoded.image), n)
     size = decoded.image.size
     cut, t_post = timed(lambda: compose(decoded, mask_to_alpha(mask, size), opts), n)
     enc, t_enc = timed(lambda: encode(cut, fmt), n)
@@ -72,29 +69,25 @@ def main() -> int:
     ap.add_argument("images", type=Path, nargs="*", default=[Path("/tmp/bgremove-bench-images/1mp")])
     ap.add_argument("--format", choices=sorted(FORMATS), default="png")
     ap.add_argument("-n", type=int, default=5)
-    ap.add_argument("--strips", type=int, default=2)
     ns = ap.parse_args()
     configure_allocator()
-    helpers = ThreadPoolExecutor(max(1, ns.strips - 1))
     fmt = FORMATS[ns.format]
     opts = pb.Options(format=fmt)
     # A blob-shaped mask like a real subject's, so encoders see realistic transparency.
     yy, xx = np.mgrid[:320, :320]
     mask = np.clip(255 - ((yy - 170) ** 2 + (xx - 160) ** 2) / 60, 0, 255).astype(np.uint8)
-    totals: dict[str, dict[str, list[float]]] = {"1 strip": {}, f"{ns.strips} strips": {}}
+    totals: dict[str, list[float]] = {}
     for folder in ns.images:
         for f in sorted(folder.glob("*.jpg")):
-            for label, pool, parts in (("1 strip", None, 1), (f"{ns.strips} strips", helpers, ns.strips)):
-                row, size, out_bytes = measure(f.read_bytes(), mask, opts, fmt, ns.n, pool, parts)
-                for k, v in row.items():
-                    totals[label].setdefault(k, []).append(v)
-                print(
-                    f"{f.parent.name}/{f.name} {size[0]}x{size[1]} {label}: "
-                    + " ".join(f"{k}={v:.1f}ms" for k, v in row.items())
-                    + f" out={out_bytes // 1024}KiB"
-                )
-    for label, steps in totals.items():
-        print(f"median, {label}: " + " ".join(f"{k}={statistics.median(v):.1f}ms" for k, v in steps.items()))
+            row, size, out_bytes = measure(f.read_bytes(), mask, opts, fmt, ns.n)
+            for k, v in row.items():
+                totals.setdefault(k, []).append(v)
+            print(
+                f"{f.parent.name}/{f.name} {size[0]}x{size[1]}: "
+                + " ".join(f"{k}={v:.1f}ms" for k, v in row.items())
+                + f" out={out_bytes // 1024}KiB"
+            )
+    print("median: " + " ".join(f"{k}={statistics.median(v):.1f}ms" for k, v in totals.items()))
     return 0
 
 

@@ -39,8 +39,8 @@ class GreyInference:
 def pipeline() -> Iterator[Pipeline]:
     encoder = EncodePool(workers=2)
     encoder.start()
-    with ThreadPoolExecutor(2) as executor, ThreadPoolExecutor(1) as helpers:
-        yield Pipeline(Settings(), GreyInference(), executor, helpers, encoder)
+    with ThreadPoolExecutor(2) as executor:
+        yield Pipeline(Settings(), GreyInference(), executor, encoder)
     encoder.shutdown()
 
 

@@ -20,7 +20,17 @@ def test_shape_and_type() -> None:
 def test_photos_smaller_than_three_times_the_input_match_plain_lanczos(name: str) -> None:
     image = Image.fromarray(getattr(skdata, name)())
     reference = np.asarray(image.convert("RGB").resize((320, 320), Image.Resampling.LANCZOS))
-    np.testing.assert_array_equal(to_model_input(image), reference)
+    difference = np.abs(to_model_input(image).astype(int) - reference)
+    # Equal but for float rounding (lanczos.py): one level, in a few values in 100,000.
+    assert difference.max() <= 1 and np.count_nonzero(difference) <= 10
+
+
+@pytest.mark.parametrize("size", [(2452, 1631), (4243, 2828), (1000, 9000)])
+def test_large_photos_are_pillows_resize_with_its_reducing_gap(size: tuple[int, int]) -> None:
+    image = Image.fromarray(skdata.chelsea()).resize(size, Image.Resampling.BICUBIC)
+    reference = np.asarray(image.resize((320, 320), Image.Resampling.LANCZOS, reducing_gap=3.0))
+    difference = np.abs(to_model_input(image).astype(int) - reference)
+    assert difference.max() <= 1 and np.count_nonzero(difference) <= 10
 
 
 def test_large_photos_stay_close_to_plain_lanczos() -> None:

@@ -205,7 +205,10 @@ def access_trace_ids(gateway: GatewayProcess) -> set[str]:
 @pytest.mark.parametrize("fmt", ["png", "webp", "jpeg", "mask"])
 def test_output_carries_no_exif_gps_or_xmp(gateway: GatewayProcess, fmt: str) -> None:
     photos = canary_photos()
-    found = needles(photos)
+    # The output is the photo's pixels, so its entropy-coded bytes may legitimately recur: a JPEG
+    # re-encoded at the quality it was saved with reproduces stretches of the original's scan
+    # wherever the cut-out keeps the pixels unchanged. Metadata, names and the comment may not.
+    found = {label: needle for label, needle in needles(photos).items() if "pixel bytes" not in label}
     with Client(gateway.target, timeout=60) as client:
         for name, (data, _) in photos.items():
             result = client.remove(data, RemoveOptions(format=fmt))  # type: ignore[arg-type]

@@ -1,17 +1,15 @@
 """upload → decode → preprocess → infer → postprocess → encode, one span per step.
 
-CPU-bound steps run in a bounded thread pool (Pillow and numpy release the GIL), so the event loop
-keeps serving other streams while one image is decoded or encoded. When a request is alone in the
-gateway, its model-input resize also splits into bands of rows over a second, helper pool
-(strips.py), so it uses every core. Large PNG and WebP encodes go to worker processes
-(encode_pool.py): their encoders hold the GIL throughout.
+CPU-bound steps run in a bounded thread pool (Pillow, numpy, scipy and OpenCV release the GIL), so
+the event loop keeps serving other streams while one image is decoded or encoded. Large PNG and WebP
+encodes go to worker processes (encode_pool.py): their encoders hold the GIL throughout.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -30,8 +28,6 @@ from bgremove_gateway.preprocess import to_model_input
 from bgremove_gateway.upload import Upload, read_stream_upload, unary_upload, validate_options
 
 tracer = trace.get_tracer("bgremove.gateway")
-# A 320-row model input cut into more strips than this spends more on handoffs than it saves.
-MAX_STRIPS = 4
 T = TypeVar("T")
 
 
@@ -55,7 +51,6 @@ class Pipeline:
         settings: Settings,
         inference: Inference,
         executor: ThreadPoolExecutor,
-        helpers: Executor | None = None,
         encoder: EncodePool | None = None,
     ) -> None:
         self.settings = settings
@@ -63,18 +58,7 @@ class Pipeline:
         self.encoder = encoder
         self.inference = inference
         self.executor = executor
-        # Not `executor` itself: a step waiting on strips queued behind other steps could deadlock it.
-        self.helpers = helpers
-        self.parts = min(settings.cpu_workers, MAX_STRIPS)
         self.models: Sequence[str] = (settings.default_model,)
-        self._running = 0  # requests inside run(); only the event loop changes it
-
-    def _strips(self) -> int:
-        """Bands for a CPU step now: all of them for a request that is alone, else one. With
-        other requests in flight the cores are busy (with their steps or with the model) and a
-        split only adds work: two strips cost 15-30% more CPU than one here, and on a busy core
-        a strip also holds back the model's threads waiting on it."""
-        return self.parts if self._running <= 1 else 1
 
     async def _cpu(self, step: str, fn: Callable[[], T]) -> T:
         with tracer.start_as_current_span(step):
@@ -111,13 +95,6 @@ class Pipeline:
     async def run(
         self, upload: Upload, *, timeout_s: float | None = None, ticket: Ticket | None = None
     ) -> Result:
-        self._running += 1
-        try:
-            return await self._run(upload, timeout_s, ticket)
-        finally:
-            self._running -= 1
-
-    async def _run(self, upload: Upload, timeout_s: float | None, ticket: Ticket | None) -> Result:
         options = upload.options
         model = options.model or self.settings.default_model
         limits = self.settings.limits
@@ -132,10 +109,7 @@ class Pipeline:
         decoded = await self._cpu("decode", lambda: decode(upload.data, upload.content_type, limits, admit))
         width, height = decoded.image.size
         trace.get_current_span().set_attribute("bgremove.image.pixels", width * height)
-        helpers, parts = self.helpers, self._strips()
-        tensor = await self._cpu(
-            "preprocess", lambda: to_model_input(decoded.image, helpers=helpers, parts=parts)
-        )
+        tensor = await self._cpu("preprocess", lambda: to_model_input(decoded.image))
         with tracer.start_as_current_span("infer", kind=trace.SpanKind.CLIENT):
             mask = await self.inference.infer(model, tensor, timeout_s=timeout_s)
         cutout = await self._cpu(

@@ -5,13 +5,11 @@ Scaling to [0, 1] and the ImageNet normalisation happen inside the served model,
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
-
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from bgremove_gateway import strips
+from bgremove_gateway import lanczos
 
 MODEL_INPUT_SIZE = 320
 
@@ -26,14 +24,19 @@ MODEL_INPUT_SIZE = 320
 _REDUCING_GAP = 3.0
 
 
-def to_model_input(
-    image: Image.Image, size: int = MODEL_INPUT_SIZE, *, helpers: Executor | None = None, parts: int = 2
-) -> npt.NDArray[np.uint8]:
+def to_model_input(image: Image.Image, size: int = MODEL_INPUT_SIZE) -> npt.NDArray[np.uint8]:
     """uint8 array of shape [size, size, 3], RGB, resized with LANCZOS (aspect not kept, as in
     training). Alpha is dropped before resizing, as rembg does, so transparent pixels' colours count.
-    With `helpers`, the resize runs in `parts` strips in parallel (see strips.py)."""
+    The result is Pillow's `resize(..., LANCZOS, reducing_gap=3.0)` up to float rounding
+    (lanczos.py)."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")
-    resized = strips.resize(
-        rgb, (size, size), Image.Resampling.LANCZOS, reducing_gap=_REDUCING_GAP, helpers=helpers, parts=parts
-    )
-    return np.asarray(resized, dtype=np.uint8)
+    width, height = rgb.size
+    box = (0.0, 0.0, float(width), float(height))
+    # What Image.resize does with a reducing gap: shrink by whole factors with a box filter (fast
+    # in Pillow), then resample from the fractional box the original covers in the reduced image.
+    factor_x = int(width / size / _REDUCING_GAP) or 1
+    factor_y = int(height / size / _REDUCING_GAP) or 1
+    if factor_x > 1 or factor_y > 1:
+        rgb = rgb.reduce((factor_x, factor_y))
+        box = (0.0, 0.0, width / factor_x, height / factor_y)
+    return lanczos.resize(np.asarray(rgb), (size, size), box)

@@ -82,9 +82,6 @@ class Gateway:
         self.executor = ThreadPoolExecutor(
             max_workers=settings.cpu_workers, thread_name_prefix="bgremove-cpu"
         )
-        self.helpers = ThreadPoolExecutor(
-            max_workers=max(1, settings.cpu_workers - 1), thread_name_prefix="bgremove-strip"
-        )
         self.encoder: EncodePool | None = None
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
@@ -143,7 +140,7 @@ class Gateway:
         self._warn_if_budget_too_small()
         self.encoder = EncodePool(s.cpu_workers)
         await asyncio.to_thread(self.encoder.start)
-        pipeline = Pipeline(s, self.pool, self.executor, self.helpers, self.encoder)
+        pipeline = Pipeline(s, self.pool, self.executor, self.encoder)
         pb_grpc.add_BackgroundRemovalServicer_to_server(
             BackgroundRemovalServicer(pipeline, self.state, self.admission), server
         )
@@ -233,7 +230,6 @@ class Gateway:
         if self.triton is not None:
             await self.triton.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
-        self.helpers.shutdown(wait=False, cancel_futures=True)
         if self.encoder is not None:
             self.encoder.shutdown()
 

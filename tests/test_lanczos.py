@@ -1,0 +1,87 @@
+"""The model-input resize is Pillow's LANCZOS: the same filter, windows and fixed-point weights,
+equal to Pillow's output but for float rounding (one level, in a few values in 100,000)."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from bgremove_gateway import lanczos
+
+LANCZOS = Image.Resampling.LANCZOS
+
+
+def photo(width: int, height: int, mode: str = "RGB") -> Image.Image:
+    image = Image.fromarray(skdata.chelsea()).resize((width, height), Image.Resampling.BICUBIC)
+    return image.convert(mode)
+
+
+def assert_pillows_but_rounding(ours: npt.NDArray[np.uint8], pillow: Image.Image) -> None:
+    expected = np.asarray(pillow, dtype=np.int16).reshape(ours.shape)
+    diff = np.abs(ours.astype(np.int16) - expected)
+    assert diff.max() <= 1
+    assert np.count_nonzero(diff) <= max(1, diff.size // 10_000), np.count_nonzero(diff)
+
+
+@pytest.mark.parametrize(
+    ("source", "size", "box"),
+    [
+        ((1226, 816), (320, 320), None),  # a 1 MP photo to the model input
+        ((1225, 816), (320, 320), None),
+        ((2452, 1631), (320, 320), None),  # 4 MP without the reducing gap's box filter
+        ((3001, 1999), (333, 517), None),  # odd sizes, the two axes scaled unlike
+        ((10_000, 3), (320, 320), None),  # one axis shrunk 31x, the other stretched 107x
+        ((50, 40), (64, 64), None),  # upscaling: the filter is not stretched
+        ((320, 320), (320, 320), None),
+        ((613, 408), (320, 320), (0.0, 0.0, 612.5, 407.5)),  # what a reduced photo's box looks like
+        ((1226, 816), (200, 300), (100.25, 50.5, 1000.75, 700.0)),
+    ],
+)
+def test_matches_pillow_but_rounding(
+    source: tuple[int, int], size: tuple[int, int], box: tuple[float, float, float, float] | None
+) -> None:
+    image = photo(*source)
+    ours = lanczos.resize(np.asarray(image), size, box)
+    assert ours.shape == (size[1], size[0], 3) and ours.dtype == np.uint8
+    assert_pillows_but_rounding(ours, image.resize(size, LANCZOS, box=box))
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4])
+def test_each_channel_resizes_on_its_own(channels: int) -> None:
+    planes = [photo(700, 500).getchannel(i % 3).rotate(90 * i) for i in range(channels)]
+    ours = lanczos.resize(np.stack([np.asarray(p) for p in planes], axis=-1), (320, 320))
+    for i, plane in enumerate(planes):
+        assert_pillows_but_rounding(ours[..., i], plane.resize((320, 320), LANCZOS))
+
+
+def test_flat_colour_stays_exact_and_extremes_clip() -> None:
+    flat = np.full((817, 1224, 3), (0, 128, 255), np.uint8)
+    assert (lanczos.resize(flat, (320, 320)) == (0, 128, 255)).all()
+    # Lanczos overshoots at a hard edge; Pillow clips the overshoot to 0..255 in each pass.
+    edge = np.zeros((40, 400, 3), np.uint8)
+    edge[:, 200:] = 255
+    out = lanczos.resize(edge, (37, 40))
+    assert out.min() == 0 and out.max() == 255
+    assert_pillows_but_rounding(out, Image.fromarray(edge).resize((37, 40), LANCZOS))
+
+
+def test_one_pixel_and_non_contiguous_input() -> None:
+    assert (lanczos.resize(np.full((1, 1, 3), 9, np.uint8), (320, 320)) == 9).all()
+    image = photo(900, 700)
+    flipped = np.asarray(image)[::-1]  # a view with negative strides
+    assert_pillows_but_rounding(
+        lanczos.resize(flipped, (320, 320)),
+        image.transpose(Image.Transpose.FLIP_TOP_BOTTOM).resize((320, 320), LANCZOS),
+    )
+
+
+def test_weights_are_cached_per_size() -> None:
+    lanczos.weights.cache_clear()
+    pixels = np.asarray(photo(1226, 816))
+    for _ in range(3):
+        lanczos.resize(pixels, (320, 320))
+    info = lanczos.weights.cache_info()
+    assert (info.misses, info.hits) == (2, 4)
