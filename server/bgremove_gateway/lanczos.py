@@ -23,13 +23,14 @@ import math
 import cv2
 import numpy as np
 import numpy.typing as npt
+from PIL import Image
 from scipy import sparse
 
 # Pillow's lanczos_filter is a 3-lobed windowed sinc, and its 8-bit coefficients are fixed point.
 SUPPORT = 3.0
 PRECISION_BITS = 22
-# Input rows per horizontal-pass product: bounds the float32 copy of the input (12 bytes a pixel)
-# to a band; 128 rows ran as fast as the whole image at once and faster than 256 (cache).
+# Rows per product in either pass: bounds the float32 copies (12 bytes a pixel of RGB) to a band;
+# 128 rows ran as fast as the whole image at once and faster than 256 (cache).
 BAND_ROWS = 128
 
 Box = tuple[float, float, float, float]
@@ -60,6 +61,26 @@ def weights(in_size: int, in0: float, in1: float, out_size: int) -> sparse.csr_m
     return sparse.csr_matrix((data, taps[valid], indptr), shape=(out_size, in_size))
 
 
+@functools.lru_cache(maxsize=128)
+def row_bands(
+    in_size: int, in0: float, in1: float, out_size: int
+) -> tuple[tuple[int, int, int, int, sparse.csr_matrix], ...]:
+    """`weights` cut into bands of BAND_ROWS outputs: (first output, end, first input, end input,
+    the band's weights over just those inputs). A band of the vertical pass then reads only the
+    rows under its filter windows, so no float copy of the whole intermediate is made."""
+    full = weights(in_size, in0, in1, out_size)
+    bands = []
+    for top in range(0, out_size, BAND_ROWS):
+        bottom = min(out_size, top + BAND_ROWS)
+        part = full[top:bottom]
+        first, end = int(part.indices.min()), int(part.indices.max()) + 1
+        local = sparse.csr_matrix(
+            (part.data, part.indices - first, part.indptr), shape=(bottom - top, end - first)
+        )
+        bands.append((top, bottom, first, end, local))
+    return tuple(bands)
+
+
 def _to_uint8(acc: npt.NDArray[np.float32], out: npt.NDArray[np.uint8]) -> None:
     """Pillow's clip8 of a fixed-point sum: round half up, then clip to 0..255."""
     np.add(acc, 0.5, out=acc)
@@ -67,26 +88,30 @@ def _to_uint8(acc: npt.NDArray[np.float32], out: npt.NDArray[np.uint8]) -> None:
     out[...] = acc.reshape(out.shape)  # the cast truncates: floor, the values being >= 0
 
 
-def resize(
-    pixels: npt.NDArray[np.uint8], size: tuple[int, int], box: Box | None = None
-) -> npt.NDArray[np.uint8]:
-    """[height, width, channels] uint8 pixels resized to `size` (width, height) with Pillow's
-    LANCZOS from the source `box` (left, upper, right, lower; default the whole image): the
-    horizontal pass first, then the vertical, as Pillow does."""
-    height, width, channels = pixels.shape
+def resize(image: Image.Image, size: tuple[int, int], box: Box | None = None) -> npt.NDArray[np.uint8]:
+    """Pixels of `image` resized to `size` (width, height) with Pillow's LANCZOS from the source
+    `box` (left, upper, right, lower; default the whole image), as [height, width, bands] uint8:
+    the horizontal pass first, then the vertical, as Pillow does. Each band is resampled on its
+    own: unlike Image.resize, RGBA is not premultiplied by its alpha."""
+    width, height = image.size
+    channels = len(image.getbands())
     out_w, out_h = size
     x0, y0, x1, y1 = box if box is not None else (0.0, 0.0, float(width), float(height))
     across = weights(width, float(x0), float(x1), out_w)
-    down = weights(height, float(y0), float(y1), out_h)
-    pixels = np.ascontiguousarray(pixels)
-    # Both passes multiply along the first axis, so each pass reads the image transposed: columns
-    # of the input as rows of the product, then rows of the intermediate.
-    mid = np.empty((out_w, height, channels), np.uint8)
+    # Both passes multiply along the first axis, so each reads its input transposed. The
+    # intermediate is kept as [input rows, out_w, bands], ready for the vertical pass.
+    mid = np.empty((height, out_w, channels), np.uint8)
+    band = np.empty((out_w, BAND_ROWS, channels), np.uint8)
     for top in range(0, height, BAND_ROWS):
         bottom = min(height, top + BAND_ROWS)
-        columns = cv2.transpose(pixels[top:bottom]).reshape(width, -1).astype(np.float32)
-        _to_uint8(across @ columns, mid[:, top:bottom])
-    rows = cv2.transpose(mid).reshape(height, -1).astype(np.float32)
+        # Pixels a band at a time, never the whole image as one more array.
+        pixels = np.asarray(image.crop((0, top, width, bottom))).reshape(bottom - top, width, channels)
+        columns = cv2.transpose(pixels).reshape(width, -1).astype(np.float32)
+        rounded = band[:, : bottom - top]
+        _to_uint8(across @ columns, rounded)
+        mid[top:bottom] = cv2.transpose(rounded).reshape(bottom - top, out_w, channels)
     out = np.empty((out_h, out_w, channels), np.uint8)
-    _to_uint8(down @ rows, out)
+    for first_out, end_out, first_in, end_in, down in row_bands(height, float(y0), float(y1), out_h):
+        rows = mid[first_in:end_in].reshape(end_in - first_in, -1).astype(np.float32)
+        _to_uint8(down @ rows, out[first_out:end_out])
     return out

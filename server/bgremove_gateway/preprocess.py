@@ -39,4 +39,4 @@ def to_model_input(image: Image.Image, size: int = MODEL_INPUT_SIZE) -> npt.NDAr
     if factor_x > 1 or factor_y > 1:
         rgb = rgb.reduce((factor_x, factor_y))
         box = (0.0, 0.0, width / factor_x, height / factor_y)
-    return lanczos.resize(np.asarray(rgb), (size, size), box)
+    return lanczos.resize(rgb, (size, size), box)
