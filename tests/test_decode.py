@@ -393,6 +393,23 @@ def test_exif_orientation_is_applied_and_metadata_dropped() -> None:
     assert len(decoded.image.getexif()) == 0
 
 
+def test_upright_photo_keeps_its_pixels_and_drops_the_file_and_metadata() -> None:
+    image = Image.new("RGB", (60, 40), "white")
+    image.paste((255, 0, 0), (0, 0, 20, 10))
+    metadata = phone_metadata()
+    exif = metadata["exif"]
+    assert isinstance(exif, Image.Exif)
+    exif[ExifTags.Base.Orientation] = 1
+    data = encoded(image, "JPEG", quality=95, **metadata)
+    decoded = decode(data, "image/jpeg", LIMITS)
+    # A plain image over the decoder's pixels, not the JPEG file object with its markers.
+    assert type(decoded.image) is Image.Image
+    assert decoded.image.info == {}
+    assert len(decoded.image.getexif()) == 0
+    with Image.open(io.BytesIO(data)) as reference:
+        assert decoded.image.tobytes() == reference.convert("RGB").tobytes()
+
+
 @pytest.mark.parametrize(("orientation", "size"), [(1, (6, 4)), (3, (6, 4)), (5, (4, 6)), (8, (4, 6))])
 def test_every_orientation_turns_the_size(orientation: int, size: tuple[int, int]) -> None:
     exif = Image.Exif()

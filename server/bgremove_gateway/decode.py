@@ -169,9 +169,13 @@ def _to_8bit_rgb(image: Image.Image) -> Image.Image:
 
 
 def _oriented(source: ImageFile.ImageFile) -> Image.Image:
-    """The decoded pixels as a new image detached from the file, turned upright per EXIF."""
+    """The decoded pixels as a plain image detached from the file, turned upright per EXIF.
+
+    An upright photo keeps the decoder's own pixel memory (source.copy() would duplicate it: a
+    full image's worth of memory and 0.2-5 ms at 1 MP, depending on whether the allocator has the
+    pages ready); only the file object and its metadata are left behind."""
     method = _UPRIGHT.get(source.getexif().get(ExifTags.Base.Orientation, 1))
-    return source.copy() if method is None else source.transpose(method)
+    return source._new(source.im) if method is None else source.transpose(method)
 
 
 def decode(
