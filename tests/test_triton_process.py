@@ -396,6 +396,13 @@ async def test_triton_does_not_outlive_a_crashed_gateway(prepared_repo: Path, tm
     shutil.rmtree(leftover, ignore_errors=True)
 
 
+def _command_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 _LAUNCHER = """
 import asyncio, sys
 from bgremove_gateway.triton_process import parent_death_launch
@@ -421,12 +428,14 @@ def test_what_the_gateway_starts_dies_with_it_and_needs_no_preexec_fn() -> None:
     try:
         assert parent.stdout is not None
         child = int(parent.stdout.readline())
-        os.kill(child, 0)  # running
+        # The PID is known as soon as setpriv starts; the death signal is set only once setpriv has
+        # run and executed the command. Killing the parent before that (a busy machine) would test
+        # nothing and leave the child behind.
+        wait_until(lambda: _command_name(child) == "sleep", 10)
+        assert _command_name(child) == "sleep", "setpriv did not start the command"
         parent.kill()
         parent.wait(10)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _alive(child):
-            time.sleep(0.05)
+        wait_until(lambda: not _alive(child), 10)
         assert not _alive(child), "the child outlived its killed parent"
     finally:
         if parent.poll() is None:
