@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 MODELS := model_repository/u2netp/1/model.onnx
 PYTEST_ARGS ?=
 
-.PHONY: run test tools venv models protos check-protos lint typecheck bench clean
+.PHONY: run test tools venv models protos check-protos lint typecheck check bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,17 @@ protos: $(STAMP)
 	  --python_out=clients/python --pyi_out=clients/python --grpc_python_out=clients/python \
 	  protos/bgremove/v1/bgremove.proto
 
+# Fails when the committed stubs are not what protoc makes of protos/ now.
+check-protos: $(STAMP)
+	@rm -rf .run/stubs && mkdir -p .run/stubs
+	$(BIN)/python -m grpc_tools.protoc -I protos \
+	  --python_out=.run/stubs --pyi_out=.run/stubs --grpc_python_out=.run/stubs \
+	  protos/bgremove/v1/bgremove.proto
+	@for f in bgremove_pb2.py bgremove_pb2.pyi bgremove_pb2_grpc.py; do \
+	  cmp -s .run/stubs/bgremove/v1/$$f clients/python/bgremove/v1/$$f || \
+	  { echo "clients/python/bgremove/v1/$$f is stale: run make protos" >&2; exit 1; }; \
+	done
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -46,8 +57,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy -p bgremove -p bgremove_gateway
 
+# Lint, types and stale stubs: what CI runs before the tests.
+check: lint typecheck check-protos
+
+# The standard sweep (0.3/1/4/12 MP x concurrency 1/4/16) with its own gateway; see benchmarks/README.md.
 bench: models
-	$(BIN)/bgremove bench --help
+	$(BIN)/python benchmarks/sweep.py
 
 clean:
 	rm -rf $(VENV) .run

@@ -40,8 +40,5 @@ def gateway(otlp: OtlpReceiver) -> Iterator[GatewayProcess]:
 
 @pytest.fixture(scope="session")
 def peer_fixtures() -> Path:
-    """rembg's own test photos and its expected U2-Net-P cut-out, from ../shared beside the repo."""
-    path = Path(__file__).resolve().parents[2] / "shared" / "peer-fixtures" / "rembg"
-    if not path.is_dir():
-        pytest.fail(f"peer fixtures missing at {path}")
-    return path
+    """rembg's own test photos and its expected U2-Net-P cut-out, vendored with its licence."""
+    return Path(__file__).resolve().parent / "fixtures" / "rembg"

@@ -22,6 +22,7 @@ from bgremove_gateway.admission import (
 from bgremove_gateway.config import Limits
 from bgremove_gateway.decode import decode
 from bgremove_gateway.errors import ServiceError
+from bgremove_gateway.pipeline import TicketBudget
 from bgremove_gateway.upload import read_stream_upload
 
 MiB = 1 << 20
@@ -128,7 +129,7 @@ def test_estimate_is_per_output_format() -> None:
     assert image_bytes_estimate(100, 100, pb.OUTPUT_FORMAT_UNSPECIFIED) == png
 
 
-async def test_upload_is_reserved_at_the_header_before_any_chunk_is_read() -> None:
+async def test_an_upload_that_can_never_fit_is_refused_at_the_header_before_any_chunk() -> None:
     admission = Admission(memory_budget_bytes=4 * MiB, max_concurrent_streams=4)
     ticket = admission.ticket()
     ticket.enter()
@@ -142,23 +143,49 @@ async def test_upload_is_reserved_at_the_header_before_any_chunk_is_read() -> No
             yield pb.UploadRequest(chunk=bytes(MiB))
 
     with pytest.raises(ServiceError) as err:
-        await read_stream_upload(
-            messages(), Limits(), lambda h: ticket.reserve(h.total_size, f"an upload of {h.total_size} bytes")
-        )
+        await read_stream_upload(messages(), Limits(), TicketBudget(ticket))
     assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "an upload of 8388608 bytes" in err.value.message
+    assert "an upload of 8388608 bytes" in err.value.message and "whole memory budget" in err.value.message
     assert chunks_read == 0
     ticket.release()
+
+
+async def test_a_stalled_upload_holds_only_the_bytes_it_sent_not_what_it_declared() -> None:
+    admission = Admission(memory_budget_bytes=64 * MiB, max_concurrent_streams=4)
+    ticket = admission.ticket()
+    ticket.enter()
+    sent = asyncio.Event()
+
+    async def trickle() -> AsyncIterator[pb.UploadRequest]:
+        yield pb.UploadRequest(header=pb.UploadHeader(content_type="image/png", total_size=50 * MiB))
+        yield pb.UploadRequest(chunk=bytes(MiB))
+        sent.set()
+        await asyncio.sleep(3600)
+
+    reading = asyncio.create_task(read_stream_upload(trickle(), Limits(), TicketBudget(ticket)))
+    await sent.wait()
+    await asyncio.sleep(0.05)
+    assert admission.reserved_bytes == PER_REQUEST_OVERHEAD_BYTES + MiB
+    # A second caller's 50 MiB upload still fits beside it.
+    other = admission.ticket()
+    other.enter()
+    other.reserve(50 * MiB, "another upload")
+    other.release()
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    ticket.release()
+    assert (admission.reserved_bytes, admission.streams) == (0, 0)
 
 
 def test_decode_reports_the_size_before_decoding_and_can_be_refused() -> None:
     buf = io.BytesIO()
     Image.new("RGB", (300, 200), (10, 20, 30)).save(buf, "PNG")
     seen: list[tuple[int, int]] = []
-    decoded = decode(buf.getvalue(), "image/png", Limits(), lambda w, h: seen.append((w, h)))
+    decoded = decode(buf.getvalue(), "image/png", Limits(), lambda w, h, extra: seen.append((w, h)))
     assert seen == [(300, 200)] and decoded.image.size == (300, 200)
 
-    def refuse(width: int, height: int) -> None:
+    def refuse(width: int, height: int, extra_bytes: int) -> None:
         raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no room for {width}x{height}")
 
     with pytest.raises(ServiceError) as err:

@@ -23,7 +23,7 @@ from grpc_status import rpc_status
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from PIL import Image
 
-from bgremove import cli_remove
+from bgremove import InsecureKeyWarning, cli_remove
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove.v1 import bgremove_pb2_grpc
 from bgremove_gateway.errors import ServiceError, invalid
@@ -303,6 +303,56 @@ def test_unreachable_server_is_one_line(
     (line,) = stderr_lines(capsys)
     assert line.startswith(f"bgremove remove: cannot reach the server at {target}: ")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# TEST-NET-1, for documentation only: nothing answers, and the short deadline ends the one try.
+REMOTE = "192.0.2.1:9"
+
+
+@pytest.mark.parametrize(
+    ("argv", "warned"),
+    [
+        (["--target", REMOTE, "--api-key", "k"], True),
+        (["--target", f"dns:///{REMOTE}", "--api-key", "k"], True),
+        (["--target", REMOTE], False),  # no key
+        (["--target", REMOTE, "--api-key", "k", "--tls"], False),
+    ],
+)
+def test_a_key_in_plaintext_to_another_machine_is_one_warning_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    warned: bool,
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("BGREMOVE_API_KEY", raising=False)
+    for name in "abc":
+        image_file(tmp_path / "in" / f"{name}.png", (4, 4))
+    cli(tmp_path / "in", "-o", tmp_path / "out", "--timeout", "0.3", "--concurrency", "3", *argv)
+    lines = stderr_lines(capsys)
+    said = [line for line in lines if "without TLS" in line]
+    # The CLI says it in its own words, once: the library's warning is not shown as well.
+    assert not [w for w in recwarn if issubclass(w.category, InsecureKeyWarning)]
+    if not warned:
+        assert said == [], lines
+        return
+    assert said == lines[:1], lines
+    assert said[0] == (
+        f"bgremove remove: warning: the API key is sent without TLS to {argv[1]}, which is not this "
+        "machine: anyone on the network path can read it and use it; give --tls (or --tls-ca FILE) "
+        "to use TLS"
+    )
+
+
+def test_a_key_to_this_machine_gives_no_warning(
+    server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photo = image_file(tmp_path / "a.jpg", (9, 9))
+    for target in (server.target, f"localhost:{server.port}", f"dns:///localhost:{server.port}"):
+        assert cli(photo, "-o", tmp_path / "a.png", "--target", target, "--api-key", "k") == 0
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import hashlib
 import io
 import shutil
 import subprocess
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,17 @@ from opentelemetry.trace import SpanKind, StatusCode
 from PIL import Image
 from skimage import data as skdata
 
-from bgremove import AsyncClient, BgRemoveError, Client, FieldViolation, RemovalResult, RemoveOptions, remove
+from bgremove import (
+    AsyncClient,
+    BgRemoveError,
+    Client,
+    FieldViolation,
+    InsecureKeyWarning,
+    RemovalResult,
+    RemoveOptions,
+    remove,
+)
+from bgremove.channel import is_local_target
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove.v1 import bgremove_pb2_grpc
 from bgremove_gateway.errors import ServiceError, invalid
@@ -519,3 +530,85 @@ async def test_mutual_tls(kind: str, pki: dict[str, bytes]) -> None:
 def test_half_a_client_certificate_is_refused() -> None:
     with pytest.raises(ValueError, match="both certificate_chain and private_key"):
         Client(certificate_chain=b"x")
+
+
+# --- an API key in plaintext ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "local"),
+    [
+        ("localhost:50051", True),
+        ("LOCALHOST.:50051", True),
+        ("localhost", True),
+        ("127.0.0.1:50051", True),
+        ("127.8.9.10:1", True),
+        ("[::1]:50051", True),
+        ("::1", True),
+        ("[::ffff:127.0.0.1]:50051", True),
+        ("dns:///localhost:50051", True),
+        ("dns://8.8.8.8/127.0.0.1:50051", True),
+        ("dns:localhost:50051", True),
+        ("ipv4:127.0.0.1:50051", True),
+        ("ipv4:127.0.0.1:50051,127.0.0.2:50051", True),
+        ("ipv6:[::1]:50051", True),
+        ("unix:/run/bgremove.sock", True),
+        ("unix:///run/bgremove.sock", True),
+        ("unix-abstract:bgremove", True),
+        ("bgremove.example.com:443", False),
+        ("10.0.0.5:50051", False),
+        ("[2001:db8::1]:50051", False),
+        ("dns:///bgremove.internal:50051", False),
+        ("dns://127.0.0.1/bgremove.internal:50051", False),  # a local DNS server, a remote target
+        ("ipv4:127.0.0.1:50051,10.0.0.5:50051", False),
+        ("ipv6:[2001:db8::1]:50051", False),
+        ("localhost.example.com:50051", False),
+        ("xds:///bgremove", False),
+        ("0.0.0.0:50051", False),
+    ],
+)
+def test_which_targets_are_this_machine(target: str, local: bool) -> None:
+    assert is_local_target(target) is local
+
+
+REMOTE = "192.0.2.1:50051"  # TEST-NET-1: documentation only; a channel dials nothing until a call
+
+
+@KINDS
+async def test_a_key_in_plaintext_to_another_machine_warns_once_per_client(kind: str) -> None:
+    make = Client if kind == "sync" else AsyncClient
+    key = "bgr_0123456789ab_" + "s" * 43
+    with pytest.warns(InsecureKeyWarning) as caught:
+        client = make(REMOTE, api_key=key)
+    (warning,) = caught
+    assert warning.filename == __file__  # the caller's line, not the library's
+    text = str(warning.message)
+    assert f"sent without TLS to {REMOTE}" in text and "tls=True" in text and "s" * 43 not in text
+    assert "\n" not in text
+    if isinstance(client, AsyncClient):
+        await client.close()
+    else:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"target": REMOTE},  # no key
+        {"target": REMOTE, "api_key": "k", "tls": True},
+        {"target": "127.0.0.1:50051", "api_key": "k"},
+        {"target": "[::1]:50051", "api_key": "k"},
+        {"target": "unix:/run/bgremove.sock", "api_key": "k"},
+    ],
+)
+def test_no_warning_without_a_key_with_tls_or_on_this_machine(kwargs: dict[str, Any]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Client(**kwargs).close()
+
+
+def test_the_one_shot_remove_warns_at_its_callers_line(tmp_path: Path) -> None:
+    # A file that is not there: remove() makes its client, then fails before any call.
+    with pytest.warns(InsecureKeyWarning) as caught, pytest.raises(FileNotFoundError):
+        remove(tmp_path / "missing.jpg", target=REMOTE, api_key="k")
+    assert [w.filename for w in caught] == [__file__]

@@ -19,6 +19,7 @@ from PIL import ExifTags, Image, ImageCms, ImageFile, PngImagePlugin
 from skimage import data as skdata
 
 from bgremove_gateway.config import Limits
+from bgremove_gateway.costs import inspect_cost
 from bgremove_gateway.decode import decode, sniff_content_type
 from bgremove_gateway.errors import ServiceError
 from e2e_helpers import phone_metadata
@@ -391,6 +392,15 @@ def test_exif_orientation_is_applied_and_metadata_dropped() -> None:
     assert decoded.image.getpixel((5, 5)) == (255, 255, 255)
     assert decoded.image.info == {}
     assert len(decoded.image.getexif()) == 0
+
+
+def test_on_size_gets_the_size_and_the_metadata_bytes_before_decoding() -> None:
+    data, _ = exif_rotated_jpeg()
+    seen: list[tuple[int, int, int]] = []
+    decode(data, "image/jpeg", LIMITS, lambda w, h, extra: seen.append((w, h, extra)))
+    # The stored size (before the EXIF turn) and what Pillow keeps of the EXIF, ICC profile and XMP.
+    assert seen == [(60, 40, inspect_cost(data, "image/jpeg", LIMITS).held_bytes)]
+    assert seen[0][2] > 1000
 
 
 def test_upright_photo_keeps_its_pixels_and_drops_the_file_and_metadata() -> None:

@@ -12,6 +12,7 @@ import base64
 import copy
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from helm_python import Chart, HelmRenderError, HelmValuesError, lint
 from kubernetes_validate.utils import latest_version
 
 from bgremove_gateway.cli import build_parser
+from bgremove_gateway.infer import ADMIN_HEADER
+from bgremove_gateway.triton_process import ADMIN_PROTOCOLS
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART_DIR = ROOT / "helm" / "bgremove"
@@ -90,6 +93,15 @@ SCENARIOS: dict[str, Obj] = {
         }
     },
     "hard-anti-affinity": {"gateway": {"podAntiAffinity": "hard"}, "triton": {"podAntiAffinity": "hard"}},
+    "existing-admin-key": {
+        "triton": {
+            "adminKey": {
+                "existingSecret": "triton-admin",
+                "existingSecretKey": "key",
+                "restrictedApis": ["model-repository", "shared-memory", "trace", "logging", "statistics"],
+            }
+        }
+    },
 }
 
 
@@ -526,12 +538,20 @@ def test_model_repository_from_an_object_store_is_read_by_triton(chart: Chart) -
 
     objects, _ = render(chart, copy.deepcopy(SCENARIOS["model-repo-gcs"]))
     triton = container(one(objects, "Deployment", "triton"), "triton")
-    env = {e["name"]: e["value"] for e in triton["env"]}
+    env = {e["name"]: e.get("value") for e in triton["env"]}
     mount = next(m for m in triton["volumeMounts"] if m["name"] == "gcs-credentials")
     assert env["GOOGLE_APPLICATION_CREDENTIALS"] == mount["mountPath"] + "/key.json"
 
 
 # --- Secrets, TLS and API keys --------------------------------------------------------------------
+
+
+def _secrets(objects: list[Obj], component: str) -> list[Obj]:
+    return [
+        o
+        for o in objects
+        if o["kind"] == "Secret" and o["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    ]
 
 
 def _secret_volume(deployment: Obj, mount_path: str) -> tuple[Obj, Obj]:
@@ -546,7 +566,7 @@ def test_tls_off_passes_insecure_and_nothing_else(chart: Chart) -> None:
     args = container(one(objects, "Deployment", "gateway"), "gateway")["args"]
     assert "--insecure" in args
     assert not {"--tls-cert", "--tls-key", "--api-keys-file"} & set(args)
-    assert not [o for o in objects if o["kind"] == "Secret"]
+    assert not _secrets(objects, "gateway")
     assert "--insecure" in notes and "-plaintext" in notes
 
 
@@ -575,7 +595,7 @@ def test_existing_secrets_are_used_not_created(chart: Chart) -> None:
     objects, notes = render(chart, copy.deepcopy(SCENARIOS["existing-secrets-mtls"]))
     deployment = one(objects, "Deployment", "gateway")
     args = container(deployment, "gateway")["args"]
-    assert not [o for o in objects if o["kind"] == "Secret"]
+    assert not _secrets(objects, "gateway")
     tls_mount, tls_secret = _secret_volume(deployment, "/etc/bgremove/tls")
     assert tls_secret["secretName"] == "gw-cert"
     assert flag_value(args, "--tls-client-ca") == tls_mount["mountPath"] + "/ca.crt"
@@ -594,6 +614,87 @@ def test_api_keys_from_a_created_secret(chart: Chart) -> None:
     assert secret["secretName"] == created["metadata"]["name"]
     assert base64.b64decode(created["data"]["api-keys.json"]).decode() == '{"keys": []}'
     assert "checksum/api-keys" in deployment["spec"]["template"]["metadata"]["annotations"]
+
+
+# --- Triton's admin key ---------------------------------------------------------------------------
+
+
+def _admin_key(objects: list[Obj]) -> tuple[str, str]:
+    """(Secret name, key in it) that Triton's TRITON_ADMIN_KEY comes from."""
+    triton = container(one(objects, "Deployment", "triton"), "triton")
+    (env,) = [e for e in triton["env"] if e["name"] == "TRITON_ADMIN_KEY"]
+    ref = env["valueFrom"]["secretKeyRef"]
+    return ref["name"], ref["key"]
+
+
+def test_triton_admin_apis_need_the_key_that_triton_and_gateway_get(
+    scenario: tuple[str, list[Obj], str],
+) -> None:
+    name, objects, _ = scenario
+    secret_name, key = _admin_key(objects)
+    args = container(one(objects, "Deployment", "triton"), "triton")["args"]
+    grpc_apis, _, grpc_header = flag_value(args, "--grpc-restricted-protocol").partition(":")
+    http_apis, _, http_header = flag_value(args, "--http-restricted-api").partition(":")
+    # Kubernetes substitutes $(TRITON_ADMIN_KEY) from the container's environment: the key is in
+    # no manifest, only in the Secret.
+    assert grpc_header == http_header == f"{ADMIN_HEADER}=$(TRITON_ADMIN_KEY)"
+    assert grpc_apis == http_apis
+    apis = set(grpc_apis.split(","))
+    assert apis >= set(ADMIN_PROTOCOLS) >= {"model-repository", "shared-memory"}, "model loading is closed"
+    assert "health" not in apis, "the kubelet's probes carry no key"
+    assert flag_value(args, "--model-control-mode") == "explicit"
+
+    # The gateway reads the same Secret's key as a file (never an argument or variable).
+    deployment = one(objects, "Deployment", "gateway")
+    gw = container(deployment, "gateway")
+    mount, secret = _secret_volume(deployment, "/etc/bgremove/triton-admin")
+    assert mount["readOnly"] is True
+    assert secret["secretName"] == secret_name and secret["items"] == [{"key": key, "path": key}]
+    assert flag_value(gw["args"], "--triton-admin-key-file") == f"{mount['mountPath']}/{key}"
+    assert not [e for e in gw["env"] if "ADMIN" in e["name"]]
+
+    created = _secrets(objects, "triton")
+    if name == "existing-admin-key":
+        assert (secret_name, key) == ("triton-admin", "key") and not created
+        assert "statistics" in apis
+    else:
+        (generated,) = created
+        assert generated["metadata"]["name"] == secret_name
+        assert re.fullmatch(r"[A-Za-z0-9]{48}", base64.b64decode(generated["data"][key]).decode())
+
+
+def test_generated_admin_key_is_random_and_kept_across_upgrades(chart: Chart, tmp_path: Path) -> None:
+    def key_of(objects: list[Obj]) -> str:
+        (secret,) = _secrets(objects, "triton")
+        return base64.b64decode(secret["data"]["admin-key"]).decode()
+
+    first, second = key_of(render(chart, {})[0]), key_of(render(chart, {})[0])
+    assert first != second, "offline (no earlier release to look up) every render makes a new key"
+
+    # An upgrade finds the release's Secret with helm's lookup and keeps its key. Offline, lookup
+    # answers nothing, so a copy of the chart stands the earlier Secret in for it.
+    template = tmp_path / "bgremove" / "templates" / "triton" / "secret-admin-key.yaml"
+    shutil.copytree(CHART_DIR, tmp_path / "bgremove")
+    text = template.read_text()
+    call = 'lookup "v1" "Secret" .Release.Namespace $name'
+    assert text.count(call) == 1
+    earlier = base64.b64encode(b"earlier-key").decode()
+    template.write_text(text.replace(call, f'dict "data" (dict "admin-key" "{earlier}")'))
+    with Chart.load(tmp_path / "bgremove") as upgraded:
+        assert key_of(render(upgraded, {})[0]) == "earlier-key"
+
+
+def test_only_triton_mounts_its_shared_memory(scenario: tuple[str, list[Obj], str]) -> None:
+    """The Python backend makes its shared-memory regions (request tensors) 0644 whatever the umask:
+    the pod is what keeps them private, so no other container may mount Triton's /dev/shm."""
+    _, objects, _ = scenario
+    pod = one(objects, "Deployment", "triton")["spec"]["template"]["spec"]
+    triton = container(one(objects, "Deployment", "triton"), "triton")
+    (shm,) = [m["name"] for m in triton["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    others = [c for c in pod["containers"] + pod.get("initContainers", []) if c["name"] != "triton"]
+    for other in others:
+        assert shm not in {m["name"] for m in other.get("volumeMounts", [])}, other["name"]
+    assert not pod.get("shareProcessNamespace"), "Triton's command line (with the key) stays its own"
 
 
 # --- The gateway reads what the chart passes ------------------------------------------------------
@@ -624,6 +725,7 @@ def test_gateway_flags_are_ones_it_reads(
     if "--api-keys-file" in gw["args"]:
         assert str(ns.api_keys_file) == flag_value(gw["args"], "--api-keys-file")
     assert ns.triton_urls == [flag_value(gw["args"], "--triton-url")]
+    assert str(ns.triton_admin_key_file) == flag_value(gw["args"], "--triton-admin-key-file")
     assert ns.listen == flag_value(gw["args"], "--listen")
     assert ns.drain_seconds == float(flag_value(gw["args"], "--drain-seconds"))
 
@@ -662,7 +764,8 @@ def test_opentelemetry_reaches_gateway_and_triton(chart: Chart) -> None:
     objects, _ = render(chart, {})
     gw = container(one(objects, "Deployment", "gateway"), "gateway")
     assert not [e for e in gw["env"] if e["name"].startswith("OTEL_")]
-    assert not [a for a in container(one(objects, "Deployment", "triton"), "triton")["args"] if "trace" in a]
+    args = container(one(objects, "Deployment", "triton"), "triton")["args"]
+    assert not [a for a in args if a.startswith("--trace-config")]
 
 
 def test_notes_explain_how_to_call_the_service(chart: Chart) -> None:
@@ -692,6 +795,9 @@ def test_notes_explain_how_to_call_the_service(chart: Chart) -> None:
         ({"triton": {"resources": {"requests": {"cpu": "lots"}}}}, "/triton/resources/requests/cpu"),
         ({"modelRepository": {"source": "ftp"}}, "/modelRepository/source"),
         ({"otel": {"endpoint": "otel-collector:4318"}}, "/otel/endpoint"),
+        ({"triton": {"adminKey": {"restrictedApis": ["health"]}}}, "/triton/adminKey/restrictedApis/0"),
+        ({"triton": {"adminKey": {"restrictedApis": []}}}, "/triton/adminKey/restrictedApis"),
+        ({"triton": {"adminKey": {"existingSecretKey": "a/b"}}}, "/triton/adminKey/existingSecretKey"),
     ],
 )
 def test_schema_rejects_wrong_values(chart: Chart, values: Obj, where: str) -> None:

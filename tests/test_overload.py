@@ -32,6 +32,7 @@ MiB = 1 << 20
 BUDGET = 96 * MiB
 STREAMS = 16
 IDLE_S = 2.0
+UPLOAD_S = 6.0
 # What RSS may exceed the idle gateway's plus the budget by: gRPC's per-stream buffers (16 streams
 # of up to 1 MiB chunks in flight), the allocator's fragmentation, and encoder scratch the
 # per-pixel estimates round off.
@@ -48,6 +49,8 @@ def small_gateway() -> Iterator[GatewayProcess]:
             str(STREAMS),
             "--idle-timeout",
             str(IDLE_S),
+            "--upload-timeout",
+            str(UPLOAD_S),
         ]
     )
     gw.start()
@@ -101,6 +104,46 @@ async def test_idle_streams_cannot_exhaust_the_server(small_gateway: GatewayProc
         assert served.ok, served.details
     await asyncio.sleep(0.5)
     assert open_fds(gw.proc.pid) <= fds_before + 2
+
+
+def _trickle(declared: int, stop: threading.Event) -> Iterator[pb.UploadRequest]:
+    """Slowloris: declares a large upload, then sends one byte well inside every idle timeout."""
+    yield pb.UploadRequest(header=pb.UploadHeader(content_type="image/jpeg", total_size=declared))
+    while not stop.wait(IDLE_S / 2):
+        yield pb.UploadRequest(chunk=b"\xff")
+
+
+async def test_trickling_streams_hold_no_memory_and_are_cut_off_at_the_upload_timeout(
+    small_gateway: GatewayProcess,
+) -> None:
+    gw = small_gateway
+    photo = small_jpeg(skdata.chelsea(), 1024)  # ~11 MB of budget as a mask
+    stop = threading.Event()
+    with grpc.insecure_channel(gw.target) as channel:
+        stub = pb_grpc.BackgroundRemovalStub(channel)
+        # Each declares 45 MiB: reserving declarations would hold 90 of the 96 MiB budget with two.
+        trickling = [
+            asyncio.create_task(remove(stub, b"", messages=_trickle(45 * MiB, stop)))
+            for _ in range(STREAMS - 1)
+        ]
+        try:
+            await asyncio.sleep(IDLE_S)
+            served = await remove(stub, photo)
+            assert served.ok, f"an ordinary caller was kept out by trickling streams: {served.details}"
+            # The last slot too: now every stream slot is held, and an ordinary caller is let in
+            # once the upload timeout ends the tricklers, not later.
+            trickling.append(asyncio.create_task(remove(stub, b"", messages=_trickle(45 * MiB, stop))))
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            while not (served := await remove(stub, photo)).ok:
+                assert served.code == grpc.StatusCode.RESOURCE_EXHAUSTED, served.details
+                assert time.monotonic() - started < UPLOAD_S + 2, "kept out past the upload timeout"
+                await asyncio.sleep(served.retry_after_s or 0.2)
+            cut_off = await asyncio.gather(*trickling)
+        finally:
+            stop.set()
+    assert {o.code for o in cut_off} == {grpc.StatusCode.DEADLINE_EXCEEDED}
+    assert all(f"upload timeout of {UPLOAD_S:g} s" in o.details for o in cut_off), cut_off[0].details
 
 
 def test_overload_at_several_times_capacity_refuses_with_a_status_and_bounds_memory(

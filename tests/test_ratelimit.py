@@ -113,3 +113,15 @@ def test_new_limits_from_the_keys_file_apply_to_the_next_call() -> None:
         pass
     admission.forget(keep=set())
     assert admission.in_flight("k") == 0
+
+
+def test_bucket_wait_takes_nothing_and_give_back_stops_at_the_burst() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate=2.0, burst=2, clock=clock)
+    assert bucket.full and bucket.wait() == 0.0 and bucket.wait() == 0.0
+    assert bucket.take() == 0.0 and not bucket.full
+    bucket.give_back()
+    bucket.give_back()  # one more than was taken: still only the burst
+    assert bucket.full
+    assert [bucket.take() for _ in range(2)] == [0.0, 0.0]
+    assert bucket.wait() == pytest.approx(0.5) and bucket.take() == pytest.approx(0.5)

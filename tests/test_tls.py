@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -230,6 +231,26 @@ def test_health_listener_serves_health_in_plaintext_and_nothing_else(mtls_gatewa
         with pytest.raises(grpc.RpcError) as caught:
             pb_grpc.BackgroundRemovalStub(channel).GetServiceInfo(pb.GetServiceInfoRequest(), timeout=5)
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+@pytest.mark.slow
+def test_grpcurl_can_check_health_on_the_health_listener(mtls_gateway: GatewayProcess) -> None:
+    grpcurl = Path(sys.executable).with_name("grpcurl")
+    out = subprocess.run(
+        [str(grpcurl), "-plaintext", f"127.0.0.1:{mtls_gateway.health_port}", "grpc.health.v1.Health/Check"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert '"status": "SERVING"' in out.stdout
+    listed = subprocess.run(
+        [str(grpcurl), "-plaintext", f"127.0.0.1:{mtls_gateway.health_port}", "list"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert listed.stdout.split() == ["grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]
 
 
 @pytest.mark.slow

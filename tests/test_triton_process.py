@@ -117,6 +117,21 @@ def backend_dir_of(pid: int) -> Path:
     return backend_dir
 
 
+def triton_args(pid: int) -> dict[str, str]:
+    """Triton's --flag=value arguments, from its command line."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    return dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+
+
+def remove_shm_leftovers(prefix: str) -> list[int]:
+    """Removes what a Triton left in /dev/shm under its region prefix; returns their modes."""
+    modes = []
+    for path in Path("/dev/shm").glob(f"{prefix}*"):
+        modes.append(path.stat().st_mode & 0o777)
+        shutil.rmtree(path, ignore_errors=True)
+    return modes
+
+
 def wait_until(condition: Callable[[], object], timeout_s: float) -> None:
     """Polls `condition` (run it with asyncio.to_thread); returns when true or out of time."""
     deadline = time.monotonic() + timeout_s
@@ -389,11 +404,14 @@ async def test_triton_does_not_outlive_a_crashed_gateway(prepared_repo: Path, tm
     triton_pid = int(line)
     assert _alive(triton_pid)
     leftover = backend_dir_of(triton_pid).parent  # a killed gateway cannot remove it; we do
+    shm_prefix = triton_args(triton_pid)["backend-config"].rsplit("shm-region-prefix-name=", 1)[1]
     gateway.kill()  # no stop(), no cleanup: like an OOM kill
     await gateway.wait()
     await asyncio.to_thread(wait_until, lambda: not _alive(triton_pid), 30)
     assert not _alive(triton_pid), "Triton kept running after its parent died"
     shutil.rmtree(leftover, ignore_errors=True)
+    # Triton's private /dev/shm is left behind too, as private as it was.
+    assert set(remove_shm_leftovers(shm_prefix)) <= {0o700}
 
 
 def _command_name(pid: int) -> str:

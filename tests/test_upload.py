@@ -220,6 +220,29 @@ async def test_slow_but_steady_client_is_not_cut_off() -> None:
     assert bytes(upload.data) == PAYLOAD
 
 
+async def test_a_trickling_client_is_cut_off_at_the_whole_upload_timeout() -> None:
+    async def trickle() -> AsyncIterator[pb.UploadRequest]:
+        yield header()
+        for message in chunks(PAYLOAD, 10):
+            await asyncio.sleep(0.05)  # well inside the idle timeout, every time
+            yield message
+
+    limits = Limits(idle_timeout_s=1.0, upload_timeout_s=0.5)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(ServiceError) as caught:
+        await read_stream_upload(trickle(), limits)
+    assert asyncio.get_running_loop().time() - started < 0.9
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert caught.value.message == "upload too slow: not complete within the upload timeout of 0.5 s"
+
+
+async def test_empty_chunks_are_refused_with_the_chunk_limit() -> None:
+    err = await refused([header(), pb.UploadRequest(chunk=b""), *chunks(PAYLOAD)])
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.message == "empty chunk: every chunk carries 1 to 1000 image bytes"
+    assert err.violations[0].field == "chunk"
+
+
 @pytest.mark.parametrize("content_type", ["", "  "])
 async def test_missing_content_type(content_type: str) -> None:
     err = await refused([header(content_type=content_type), *chunks(PAYLOAD)])

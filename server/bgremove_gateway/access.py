@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
-from dataclasses import dataclass, field
 
 import grpc
 from opentelemetry import trace
@@ -34,27 +33,65 @@ def short_method(full_method: str) -> str:
     return full_method.rsplit("/", 1)[-1] or full_method
 
 
-@dataclass
 class Access:
-    """Collects one request's figures; done() writes its line."""
+    """Collects one request's figures; done() writes its line, once.
 
-    method: str
-    context: grpc.aio.ServicerContext
-    started: float = field(default_factory=time.perf_counter)
-    bytes_in: int = 0
-    bytes_out: int = 0
-    code: grpc.StatusCode = grpc.StatusCode.OK
-    key: str | None = None  # None: the caller the access control admitted
+    The peer and trace id are read when the call starts: done() may run after the call has ended,
+    when its context must no longer be touched."""
+
+    def __init__(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        started: float | None = None,
+        *,
+        code: grpc.StatusCode = grpc.StatusCode.OK,
+        key: str | None = None,  # None: the caller the access control admitted this call under
+    ) -> None:
+        self.method = method
+        self.peer = _peer(context)
+        self.trace_id = _trace_id()
+        self.started = time.perf_counter() if started is None else started
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.code = code
+        remaining = _time_remaining(context)
+        self.deadline = None if remaining is None else time.monotonic() + remaining
+        self.key = caller.get() if key is None else key
+        self._written = False
+
+    def ended_by_caller(self) -> None:
+        """The call ended under us: past its deadline, or cancelled or dropped by the caller."""
+        late = self.deadline is not None and time.monotonic() >= self.deadline
+        self.code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
 
     def done(self) -> None:
+        if self._written:
+            return
+        self._written = True
         access_log.info(
             "key=%s peer=%s method=%s status=%s bytes_in=%d bytes_out=%d latency_ms=%.1f trace_id=%s",
-            self.key if self.key is not None else caller.get(),
-            self.context.peer(),
+            self.key,
+            self.peer,
             self.method,
             self.code.name,
             self.bytes_in,
             self.bytes_out,
             (time.perf_counter() - self.started) * 1000,
-            _trace_id(),
+            self.trace_id,
         )
+
+
+def _peer(context: grpc.aio.ServicerContext) -> str:
+    try:
+        return str(context.peer())
+    except Exception:  # a call already gone has no peer to report
+        return "-"
+
+
+def _time_remaining(context: grpc.aio.ServicerContext) -> float | None:
+    try:
+        remaining = context.time_remaining()
+    except Exception:
+        return None
+    return None if remaining is None else float(remaining)

@@ -83,17 +83,27 @@ class Ticket:
             self._in = True
         self.reserve(PER_REQUEST_OVERHEAD_BYTES, "a request")
 
+    def fits(self, nbytes: int, what: str) -> None:
+        """Refuses the call now if `nbytes` more could never fit, even into an empty budget."""
+        a = self._admission
+        with a._lock:
+            self._refuse_if_never_fits(nbytes, what)
+
+    def _refuse_if_never_fits(self, nbytes: int, what: str) -> None:
+        a = self._admission
+        if self._bytes + nbytes > a.memory_budget_bytes:
+            a.refused += 1
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{what} needs about {self._bytes + nbytes} bytes of gateway memory, more than "
+                f"its whole memory budget of {a.memory_budget_bytes} bytes",
+            )
+
     def reserve(self, nbytes: int, what: str) -> None:
         """Adds `nbytes` to this call's share of the budget, or refuses the call."""
         a = self._admission
         with a._lock:
-            if self._bytes + nbytes > a.memory_budget_bytes:
-                a.refused += 1
-                raise ServiceError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{what} needs about {self._bytes + nbytes} bytes of gateway memory, more than "
-                    f"its whole memory budget of {a.memory_budget_bytes} bytes",
-                )
+            self._refuse_if_never_fits(nbytes, what)
             if a.reserved_bytes + nbytes > a.memory_budget_bytes:
                 a.refused += 1
                 raise ServiceError(

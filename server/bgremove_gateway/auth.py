@@ -15,7 +15,7 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -24,10 +24,11 @@ import grpc
 from grpc_status import rpc_status
 
 from bgremove_gateway.access import Access, caller, short_method
+from bgremove_gateway.calls import closed_with_call, closing
 from bgremove_gateway.drain import drain
 from bgremove_gateway.errors import ServiceError
 from bgremove_gateway.keys import KeyFileError, KeyLimits, KeyRecord, PresentedKey, read_keys
-from bgremove_gateway.ratelimit import Admission
+from bgremove_gateway.ratelimit import Admission, GuessLimiter, SlowPath, peer_host
 
 log = logging.getLogger("bgremove.auth")
 
@@ -56,9 +57,12 @@ class KeyStore:
         # memory is neither the key nor anything that verifies it outside this process.
         self._pepper = os.urandom(32)
         self._verified: dict[str, bytes] = {}
-        # Wrong secrets always cost a full scrypt: one at a time, off the event loop, so guessing
-        # uses at most one core and never stalls the calls in flight.
-        self._slow = asyncio.Semaphore(1)
+        # Any other secret costs a scrypt, so guessing is limited before it (failures per address
+        # and per id), and the scrypt checks run one at a time, off the event loop, behind a short
+        # queue: guessing uses at most one core, never stalls the calls in flight, and a right key
+        # not yet seen waits behind a few checks at most instead of every guess.
+        self.guesses = GuessLimiter(min_retry_s=REFUSAL_PAUSE_S)
+        self.slow = SlowPath(min_retry_s=REFUSAL_PAUSE_S)
         self.load()
 
     def __len__(self) -> int:
@@ -102,19 +106,28 @@ class KeyStore:
             log.info("keys file reloaded: %d active keys", live)
         return changed
 
-    async def verify(self, presented: PresentedKey) -> KeyRecord:
+    async def verify(self, presented: PresentedKey, peer: str = "-") -> KeyRecord:
+        """The key's record, or ServiceError: UNAUTHENTICATED for a wrong key, RESOURCE_EXHAUSTED
+        when `peer` (grpc's context.peer()) or the key id has failed too often lately."""
         record = self._records.get(presented.id)
-        if record is None:
+        if record is None:  # costs nothing, so it is not limited
             raise unauthenticated("invalid API key")
         tag = hmac.new(self._pepper, presented.secret.encode(), hashlib.sha256).digest()
         known = self._verified.get(presented.id)
         if known is None or not hmac.compare_digest(known, tag):
-            async with self._slow:
-                matched = await asyncio.to_thread(record.hash.matches, presented.secret)
+            attempt = self.guesses.admit(presented.id, peer_host(peer))
+            try:
+                secret = presented.secret
+                matched = await self.slow.run(lambda: record.hash.matches(secret), urgent=attempt.urgent)
+            except ServiceError:
+                attempt.refund()  # the queue was full: nothing was checked
+                raise
             if not matched:
+                attempt.failed()
                 raise unauthenticated("invalid API key")
+            attempt.refund()
             if self._records.get(presented.id) is not record:  # reloaded meanwhile
-                return await self.verify(presented)
+                return await self.verify(presented, peer)
             self._verified[presented.id] = tag
         if record.revoked:
             raise unauthenticated(f"API key {record.id} was revoked at {record.revoked}")
@@ -179,7 +192,7 @@ class AccessControl(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 raise unauthenticated(
                     "malformed API key: expected bgr_<id>_<secret> as `bgremove keys add` prints it"
                 )
-            record = await p.keys.verify(parsed)
+            record = await p.keys.verify(parsed, context.peer())
             return record.id, record.limits
         if p.client_certs:
             return _certificate_name(context) or "cn=?", None
@@ -276,10 +289,17 @@ def _wrap(handler: grpc.RpcMethodHandler, guard: Guard) -> grpc.RpcMethodHandler
     streaming = handler.unary_stream or handler.stream_stream
     client_streaming = handler.stream_stream is not None
 
-    async def streamed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async with guard(context, request if client_streaming else None):
-            async for response in streaming(request, context):
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncGenerator[Any, None]:
+        async with (
+            guard(context, request if client_streaming else None),
+            closing(streaming(request, context)) as responses,
+        ):
+            async for response in responses:
                 yield response
+
+    def streamed(request: Any, context: grpc.aio.ServicerContext) -> AsyncGenerator[Any, None]:
+        # The tracing interceptor outside abandons this stream when the call ends: the call closes it.
+        return closed_with_call(guarded(request, context))
 
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(streamed, **kw)

@@ -70,6 +70,7 @@ class TritonPool:
         probe_interval_s: float = 1.0,
         probe_timeout_s: float = 1.0,
         resolver: Resolver = resolve,
+        admin_key: str | None = None,
     ) -> None:
         if not urls:
             raise ValueError("at least one --triton-url is needed")
@@ -80,6 +81,8 @@ class TritonPool:
         self.probe_interval_s = probe_interval_s
         self.probe_timeout_s = probe_timeout_s
         self._resolver = resolver
+        # Sent to every replica on every call: opens the APIs a locked-down Triton restricts.
+        self._admin_key = admin_key
         self._members: dict[str, _Member] = {}
         self._known: dict[Target, list[str]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -164,9 +167,8 @@ class TritonPool:
         for addr, source in wanted.items():
             member = self._members.get(addr)
             if member is None:
-                self._members[addr] = _Member(
-                    ReplicaState(addr, source), TritonInference(addr, timeout_s=self.infer_timeout_s)
-                )
+                client = TritonInference(addr, timeout_s=self.infer_timeout_s, admin_key=self._admin_key)
+                self._members[addr] = _Member(ReplicaState(addr, source), client)
                 log.info("Triton replica %s added (from %s)", addr, source)
             elif member.state.retiring:
                 member.state.retiring = False

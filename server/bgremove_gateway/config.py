@@ -28,8 +28,37 @@ class Limits:
     max_pixels: int = 64_000_000
     max_unary_bytes: int = 3 * MiB
     idle_timeout_s: float = 30.0
+    # Header to half-close: a stream that trickles bytes cannot hold its slot longer than this.
+    upload_timeout_s: float = 120.0
     result_chunk_bytes: int = 256 * 1024
     max_output_side: int = 16384
+    # Image structure, checked before any parser runs (costs.py): real photos use a small fraction.
+    # Progressive JPEGs have about 10 scans; each scan costs libjpeg a pass over every block.
+    max_jpeg_scans: int = 100
+    # Scans x frame pixels, ~0.8 ms of CPU per megapixel-scan: 20 scans at 64 MP (CMYK has 18).
+    max_jpeg_scan_pixels: int = 1_280_000_000
+    # Markers or chunks (and stray JPEG header bytes): photos ~20, a 10000-frame animated WebP 10002.
+    max_image_segments: int = 10_000
+    # Metadata as the parsers hold it, inflated and copied (EXIF, XMP, ICC, text): photos < 1 MiB.
+    max_metadata_bytes: int = 16 * MiB
+
+
+@dataclass(frozen=True)
+class Connections:
+    """Per-connection limits of the gRPC listener, so one client cannot hold the server's sockets."""
+
+    # HTTP/2 streams at once on one connection: above the stream cap, so one channel can use it all;
+    # grpc clients past it get UNAVAILABLE (REFUSED_STREAM), they do not queue.
+    max_streams_per_connection: int = 100
+    # A connection with no call this long is closed (GOAWAY); clients reconnect transparently.
+    max_idle_s: float = 300.0
+    # Every connection is recycled after this long, so load spreads again after a scale-up.
+    max_age_s: float = 1800.0
+    # Calls on a recycled connection get this long to finish.
+    max_age_grace_s: float = 300.0
+    # The server pings a quiet connection this often and drops it when no answer comes in time.
+    keepalive_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -46,10 +75,26 @@ class TritonSettings:
     infer_timeout_s: float = 60.0
     # How often a --triton-url that is a DNS name (a headless Service) is resolved again.
     resolve_interval_s: float = 10.0
+    # A file holding the key of the external Tritons' restricted APIs (--grpc-restricted-protocol);
+    # a file, so the key is on no command line and in no environment. The embedded Triton makes its own.
+    admin_key_file: Path | None = None
 
     @property
     def embedded(self) -> bool:
         return not self.urls
+
+    def read_admin_key(self) -> str | None:
+        """The key in admin_key_file (surrounding whitespace dropped); None without a file.
+        ValueError names the file when it cannot be read or is empty, never the key."""
+        if self.admin_key_file is None:
+            return None
+        try:
+            key = self.admin_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read the Triton admin key file {self.admin_key_file}: {exc}") from None
+        if not key:
+            raise ValueError(f"the Triton admin key file {self.admin_key_file} is empty")
+        return key
 
 
 @dataclass(frozen=True)
@@ -79,6 +124,7 @@ class Settings:
     # fits the largest default image (64 MP as a PNG cut-out) inside the chart's 2 GiB pod limit.
     memory_budget_bytes: int = 1536 * MiB
     max_concurrent_streams: int = 64
+    connections: Connections = field(default_factory=Connections)
 
 
 def _env(env: Mapping[str, str], name: str, default: str) -> str:
@@ -128,6 +174,14 @@ def add_triton_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]
         type=float,
         default=float(_env(env, "INFER_TIMEOUT", str(t.infer_timeout_s))),
     )
+    parser.add_argument(
+        "--triton-admin-key-file",
+        type=Path,
+        default=_env(env, "TRITON_ADMIN_KEY_FILE", "") or None,
+        metavar="FILE",
+        help="file with the key an external Triton's restricted APIs want (its "
+        "--grpc-restricted-protocol value); sent on every call [BGREMOVE_TRITON_ADMIN_KEY_FILE]",
+    )
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
@@ -151,6 +205,41 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
         "--idle-timeout", type=float, default=float(_env(env, "IDLE_TIMEOUT", str(lim.idle_timeout_s)))
     )
     parser.add_argument(
+        "--upload-timeout",
+        type=float,
+        default=float(_env(env, "UPLOAD_TIMEOUT", str(lim.upload_timeout_s))),
+        help="seconds a whole streamed upload may take, header to half-close [BGREMOVE_UPLOAD_TIMEOUT]",
+    )
+    for flag, name, value, what in (
+        ("--max-jpeg-scans", "MAX_JPEG_SCANS", lim.max_jpeg_scans, "scans a progressive JPEG may carry"),
+        (
+            "--max-jpeg-scan-pixels",
+            "MAX_JPEG_SCAN_PIXELS",
+            lim.max_jpeg_scan_pixels,
+            "JPEG scans x frame pixels (the decode work)",
+        ),
+        (
+            "--max-image-segments",
+            "MAX_IMAGE_SEGMENTS",
+            lim.max_image_segments,
+            "JPEG markers or PNG/WebP chunks",
+        ),
+        ("--max-metadata-bytes", "MAX_METADATA_BYTES", lim.max_metadata_bytes, "metadata an image may carry"),
+    ):
+        parser.add_argument(
+            flag,
+            type=int,
+            metavar="N",
+            default=int(_env(env, name, str(value))),
+            help=f"most {what} [BGREMOVE_{name}]",
+        )
+    parser.add_argument(
+        "--result-chunk-bytes",
+        type=int,
+        default=int(_env(env, "RESULT_CHUNK_BYTES", str(lim.result_chunk_bytes))),
+        help="largest result chunk StreamRemoveBackground sends [BGREMOVE_RESULT_CHUNK_BYTES]",
+    )
+    parser.add_argument(
         "--max-output-side", type=int, default=int(_env(env, "MAX_OUTPUT_SIDE", str(lim.max_output_side)))
     )
     parser.add_argument("--cpu-workers", type=int, default=int(_env(env, "CPU_WORKERS", str(s.cpu_workers))))
@@ -172,6 +261,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
         default=int(_env(env, "MAX_CONCURRENT_STREAMS", str(s.max_concurrent_streams))),
         help="open RemoveBackground/StreamRemoveBackground calls at once [BGREMOVE_MAX_CONCURRENT_STREAMS]",
     )
+    add_connection_arguments(parser, env)
     parser.add_argument(
         "--triton-resolve-interval",
         type=float,
@@ -179,6 +269,56 @@ def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] 
         help="seconds between DNS lookups of a --triton-url name [BGREMOVE_TRITON_RESOLVE_INTERVAL]",
     )
     add_triton_arguments(parser, env)
+
+
+# flag, env name, field of Connections, help
+_CONNECTION_FLAGS = (
+    (
+        "--max-streams-per-connection",
+        "MAX_STREAMS_PER_CONNECTION",
+        "max_streams_per_connection",
+        "concurrent calls on one client connection",
+    ),
+    (
+        "--max-connection-idle",
+        "MAX_CONNECTION_IDLE",
+        "max_idle_s",
+        "seconds before an idle connection is closed",
+    ),
+    ("--max-connection-age", "MAX_CONNECTION_AGE", "max_age_s", "seconds before a connection is recycled"),
+    (
+        "--max-connection-age-grace",
+        "MAX_CONNECTION_AGE_GRACE",
+        "max_age_grace_s",
+        "seconds the calls of a recycled connection get to finish",
+    ),
+    ("--keepalive", "KEEPALIVE", "keepalive_s", "seconds between the server's pings on a quiet connection"),
+    (
+        "--keepalive-timeout",
+        "KEEPALIVE_TIMEOUT",
+        "keepalive_timeout_s",
+        "seconds to wait for a ping's answer before dropping the connection",
+    ),
+)
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    group = parser.add_argument_group("connections")
+    defaults = Connections()
+    for flag, name, attr, what in _CONNECTION_FLAGS:
+        default = getattr(defaults, attr)
+        group.add_argument(
+            flag,
+            dest=f"conn_{attr}",
+            type=type(default),
+            metavar="N" if isinstance(default, int) else "SECONDS",
+            default=type(default)(_env(env, name, str(default))),
+            help=f"{what} [BGREMOVE_{name}]",
+        )
+
+
+def connections_from_args(ns: argparse.Namespace) -> Connections:
+    return Connections(**{attr: getattr(ns, f"conn_{attr}") for _, _, attr, _ in _CONNECTION_FLAGS})
 
 
 def _optional_path(value: str) -> Path | None:
@@ -224,6 +364,7 @@ def triton_settings_from_args(ns: argparse.Namespace) -> TritonSettings:
         model_config_name=ns.model_config_name,
         startup_timeout_s=ns.triton_startup_timeout,
         infer_timeout_s=ns.infer_timeout,
+        admin_key_file=ns.triton_admin_key_file,
     )
 
 
@@ -234,6 +375,12 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         max_pixels=ns.max_pixels,
         max_unary_bytes=ns.max_unary_bytes,
         idle_timeout_s=ns.idle_timeout,
+        upload_timeout_s=ns.upload_timeout,
+        max_jpeg_scans=ns.max_jpeg_scans,
+        max_jpeg_scan_pixels=ns.max_jpeg_scan_pixels,
+        max_image_segments=ns.max_image_segments,
+        max_metadata_bytes=ns.max_metadata_bytes,
+        result_chunk_bytes=ns.result_chunk_bytes,
         max_output_side=ns.max_output_side,
     )
     return Settings(
@@ -254,4 +401,5 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
         ),
         memory_budget_bytes=ns.memory_budget_bytes,
         max_concurrent_streams=ns.max_concurrent_streams,
+        connections=connections_from_args(ns),
     )

@@ -19,6 +19,7 @@ from PIL import ExifTags, Image, ImageFile, JpegImagePlugin, PngImagePlugin, Web
 from bgremove.upload import OCTET_STREAM
 from bgremove.upload import sniff_content_type as sniff_supported
 from bgremove_gateway.config import Limits
+from bgremove_gateway.costs import inspect_cost
 from bgremove_gateway.dimensions import declared_size
 from bgremove_gateway.errors import ServiceError, invalid, too_large
 
@@ -182,12 +183,15 @@ def decode(
     data: BufferLike,
     declared_content_type: str,
     limits: Limits,
-    on_size: Callable[[int, int], None] | None = None,
+    on_size: Callable[[int, int, int], None] | None = None,
 ) -> DecodedImage:
     """Decodes a JPEG, PNG or WebP that matches `declared_content_type` into 8-bit RGB or RGBA.
 
-    `on_size(width, height)` runs after the pixel-count check and before decoding; it may refuse
-    the image by raising ServiceError (admission reserves memory for the pixels there).
+    Before any parser sees the bytes, their structure is checked against the scan, segment and
+    metadata limits (costs.py). `on_size(width, height, extra_bytes)` runs after the pixel-count
+    check and before decoding, extra_bytes being what the parser holds beyond the pixels
+    (metadata, copies of the file); it may refuse the image by raising ServiceError (admission
+    reserves memory there).
 
     Animated PNG (APNG) and animated WebP decode to their first frame, as do multi-picture JPEGs.
     The pixel count is checked from the header before any pixel is decoded. The result carries no
@@ -196,6 +200,8 @@ def decode(
     if len(data) == 0:
         raise invalid("image", "data is not an image: it is empty")
     content_type = _check_type(data, normalise_content_type(declared_content_type))
+    # First: declared_size() steps through the JPEG header markers too, now known to be few.
+    cost = inspect_cost(data, content_type, limits)
     declared = declared_size(data, content_type)
     if declared is not None and 0 in declared:
         raise invalid(
@@ -218,7 +224,7 @@ def decode(
                         f"over the limit of {limits.max_pixels} pixels",
                     )
                 if on_size is not None:
-                    on_size(width, height)
+                    on_size(width, height, cost.held_bytes)
                 # LOAD_TRUNCATED_IMAGES stays False (Pillow's default): a short file is an error,
                 # never an image with a grey bottom half.
                 source.load()

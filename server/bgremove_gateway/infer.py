@@ -2,10 +2,14 @@
 
 Each request is its own infer call; Triton's dynamic batcher merges concurrent calls, so the
 gateway never batches by itself (that would make one caller wait on another's upload).
+
+The gateway calls only Triton's health, statistics and inference APIs. Where Triton restricts
+some of them (`--grpc-restricted-protocol`), the gateway is given the key and sends it on every call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 from dataclasses import dataclass
@@ -25,6 +29,20 @@ log = logging.getLogger("bgremove.infer")
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "mask"
+# The header Triton's restricted APIs check: gRPC metadata "triton-grpc-protocol-<this>" (Triton
+# adds the prefix), HTTP header "<this>".
+ADMIN_HEADER = "bgremove-admin-key"
+
+
+def grpc_admin_headers(key: str | None) -> dict[str, str]:
+    """gRPC metadata that opens Triton's APIs restricted with `key`; empty without one."""
+    return {f"triton-grpc-protocol-{ADMIN_HEADER}": key} if key else {}
+
+
+def http_admin_headers(key: str | None) -> dict[str, str]:
+    """The HTTP header that opens Triton's APIs restricted with `key`; empty without one."""
+    return {ADMIN_HEADER: key} if key else {}
+
 
 # tritonclient replaces ALL its channel defaults when channel_args is given (falling back to gRPC's
 # 4 MB receive limit), so the full set is spelled out here.
@@ -123,11 +141,14 @@ def _to_infer_error(exc: InferenceServerException, url: str) -> InferError:
 
 
 class TritonInference:
-    """An async Triton client for one endpoint. Create one per event loop and reuse it."""
+    """An async Triton client for one endpoint. Create one per event loop and reuse it.
 
-    def __init__(self, url: str, *, timeout_s: float = 60.0) -> None:
+    `admin_key`: the key of Triton's restricted APIs, sent on every call (None: none sent)."""
+
+    def __init__(self, url: str, *, timeout_s: float = 60.0, admin_key: str | None = None) -> None:
         self.url = url
         self.timeout_s = timeout_s
+        self._headers = grpc_admin_headers(admin_key)
         self._client = grpcclient_aio.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
 
     async def infer(
@@ -138,7 +159,7 @@ class TritonInference:
         inp = grpcclient.InferInput(INPUT_NAME, list(batch.shape), "UINT8")
         inp.set_data_from_numpy(batch)
         # Triton joins the caller's trace from the W3C traceparent header on the infer call.
-        headers: dict[str, str] = {}
+        headers = dict(self._headers)
         propagate.inject(headers)
         budget = self.timeout_s if timeout_s is None else min(self.timeout_s, timeout_s)
         span = trace.get_current_span()
@@ -165,14 +186,25 @@ class TritonInference:
 
     async def probe(self, *, timeout_s: float | None = None) -> tuple[list[str], str]:
         """(models READY, "") or ([], why not). A server that is not ready (a shutting-down
-        Triton still lists the models it is about to unload) counts as having none."""
+        Triton still lists the models it is about to unload) counts as having none.
+
+        The models come from the statistics API (which lists the loaded ones) and each one's
+        readiness, not from the repository index: that is a model-control API, which a locked-down
+        Triton restricts, and the gateway must work without its key."""
+        h, t = self._headers, timeout_s
         try:
-            if not await self._client.is_server_ready(client_timeout=timeout_s):
+            if not await self._client.is_server_ready(headers=h, client_timeout=t):
                 return [], "server not ready"
-            index = await self._client.get_model_repository_index(as_json=True, client_timeout=timeout_s)
+            stats = await self._client.get_inference_statistics(as_json=True, headers=h, client_timeout=t)
+            loaded = sorted({str(m["name"]) for m in stats.get("model_stats", [])})
+            # A model whose readiness cannot be had this time counts as not ready.
+            ready = await asyncio.gather(
+                *(self._client.is_model_ready(m, headers=h, client_timeout=t) for m in loaded),
+                return_exceptions=True,
+            )
         except InferenceServerException as exc:
             return [], short_reason(exc.message() or str(exc))
-        return sorted(m["name"] for m in index.get("models", []) if m.get("state") == "READY"), ""
+        return [m for m, ok in zip(loaded, ready, strict=True) if ok is True], ""
 
     async def ready_models(self, *, timeout_s: float | None = None) -> list[str]:
         """Models Triton has loaded and reports READY; empty when Triton cannot be reached."""
@@ -180,12 +212,14 @@ class TritonInference:
 
     async def is_ready(self, model: str) -> bool:
         try:
-            return bool(await self._client.is_model_ready(model))
+            return bool(await self._client.is_model_ready(model, headers=self._headers))
         except InferenceServerException:
             return False
 
     async def inference_statistics(self, model: str) -> dict[str, Any]:
-        stats: dict[str, Any] = await self._client.get_inference_statistics(model, as_json=True)
+        stats: dict[str, Any] = await self._client.get_inference_statistics(
+            model, as_json=True, headers=self._headers
+        )
         return stats
 
     async def close(self) -> None:

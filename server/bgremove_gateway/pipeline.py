@@ -8,6 +8,7 @@ encodes go to worker processes (encode_pool.py): their encoders hold the GIL thr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,15 @@ tracer = trace.get_tracer("bgremove.gateway")
 T = TypeVar("T")
 
 
+async def settle(work: asyncio.Future[T]) -> None:
+    """Waits until `work` has ended, whatever it raised, however often this task is cancelled."""
+    while not work.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([work])
+    if not work.cancelled():
+        work.exception()  # retrieved, so asyncio does not log it as never retrieved
+
+
 class Inference(Protocol):
     """TritonPool in the gateway; one TritonInference works too."""
 
@@ -43,6 +53,21 @@ class Inference(Protocol):
 class Result:
     header: pb.ResultHeader
     data: bytes
+
+
+@dataclass
+class TicketBudget:
+    """An upload charged to its call's ticket (see upload.UploadBudget)."""
+
+    ticket: Ticket
+    total_size: int = 0
+
+    def declared(self, total_size: int) -> None:
+        self.total_size = total_size
+        self.ticket.fits(total_size, f"an upload of {total_size} bytes")
+
+    def received(self, nbytes: int) -> None:
+        self.ticket.reserve(nbytes, f"an upload of {self.total_size} bytes")
 
 
 class Pipeline:
@@ -62,20 +87,24 @@ class Pipeline:
 
     async def _cpu(self, step: str, fn: Callable[[], T]) -> T:
         with tracer.start_as_current_span(step):
-            return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+            work = asyncio.get_running_loop().run_in_executor(self.executor, fn)
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # A thread cannot be stopped: the call keeps its memory and stream slot until the
+                # work really ends, so admission never counts memory that is still in use as free.
+                await settle(work)
+                raise
 
     async def receive(
         self, requests: AsyncIterator[pb.UploadRequest], ticket: Ticket | None = None
     ) -> Upload:
-        """Reads and checks a streamed upload: protocol, sizes, checksum, options. The declared
-        size is reserved against the memory budget before the buffer for it exists."""
-
-        def admit(header: pb.UploadHeader) -> None:
-            if ticket is not None:
-                ticket.reserve(header.total_size, f"an upload of {header.total_size} bytes")
+        """Reads and checks a streamed upload: protocol, sizes, checksum, options. Each chunk is
+        charged to the memory budget as it arrives, up to the declared size."""
 
         with tracer.start_as_current_span("validate") as span:
-            upload = await read_stream_upload(requests, self.settings.limits, admit)
+            budget = None if ticket is None else TicketBudget(ticket)
+            upload = await read_stream_upload(requests, self.settings.limits, budget)
             self._check(upload, span)
         return upload
 
@@ -99,11 +128,13 @@ class Pipeline:
         model = options.model or self.settings.default_model
         limits = self.settings.limits
 
-        def admit(width: int, height: int) -> None:
-            # From decode's worker thread, once the header gave the size and before any pixel.
+        def admit(width: int, height: int, extra_bytes: int) -> None:
+            # From decode's worker thread, once the header gave the size and before any pixel;
+            # extra_bytes: the metadata (and WebP's copies of the file) the parser will hold.
             if ticket is not None:
                 ticket.reserve(
-                    image_bytes_estimate(width, height, options.format), f"a {width}x{height} image"
+                    image_bytes_estimate(width, height, options.format) + extra_bytes,
+                    f"a {width}x{height} image",
                 )
 
         decoded = await self._cpu("decode", lambda: decode(upload.data, upload.content_type, limits, admit))

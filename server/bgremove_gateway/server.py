@@ -19,6 +19,7 @@ from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
 from bgremove_gateway.admission import PER_REQUEST_OVERHEAD_BYTES, Admission, image_bytes_estimate
 from bgremove_gateway.auth import RELOAD_INTERVAL_S, AccessControl, KeyStore
 from bgremove_gateway.backends import TritonPool
+from bgremove_gateway.calls import CallLifecycle
 from bgremove_gateway.config import Settings
 from bgremove_gateway.encode_pool import EncodePool
 from bgremove_gateway.pipeline import Pipeline
@@ -37,7 +38,7 @@ class StartupError(Exception):
 
 
 def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
-    lim = settings.limits
+    lim, conn = settings.limits, settings.connections
     largest_message = max(lim.max_unary_bytes, lim.max_chunk_bytes) + 64 * 1024
     return [
         ("grpc.max_receive_message_length", largest_message),
@@ -45,7 +46,15 @@ def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
         # gRPC sets SO_REUSEPORT by default, which lets a second gateway silently share the port.
         ("grpc.so_reuseport", 0),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Clients pinging more often than this get GOAWAY (too_many_pings) after two strikes.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_concurrent_streams", conn.max_streams_per_connection),
+        ("grpc.max_connection_idle_ms", int(conn.max_idle_s * 1000)),
+        ("grpc.max_connection_age_ms", int(conn.max_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(conn.max_age_grace_s * 1000)),
+        ("grpc.keepalive_time_ms", int(conn.keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(conn.keepalive_timeout_s * 1000)),
     ]
 
 
@@ -111,15 +120,19 @@ class Gateway:
             raise StartupError(str(exc)) from None
         access_control = AccessControl(security.policy)
         server = grpc.aio.server(
-            interceptors=[aio_server_interceptor(filter_=tracing_filter), access_control],
+            interceptors=[CallLifecycle(), aio_server_interceptor(filter_=tracing_filter), access_control],
             options=_grpc_options(s),
         )
         self.port = _bind(server, s.listen, security.credentials)
         self.server = server
         if s.security.health_listen is not None:
-            # Plaintext and nothing but grpc.health.v1: the kubelet's gRPC probe cannot do TLS.
+            # Plaintext, grpc.health.v1 and reflection only: the kubelet's gRPC probe cannot do TLS.
             self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            # grpcurl needs reflection to name the service it calls.
+            reflection.enable_server_reflection(
+                (health.SERVICE_NAME, reflection.SERVICE_NAME), self.health_server
+            )
             _bind(self.health_server, s.security.health_listen, None)
         if security.policy.keys is not None:
             self._key_reloader = asyncio.create_task(_reload_keys(security.policy.keys, access_control))
@@ -134,6 +147,7 @@ class Gateway:
                 default_model=s.default_model,
                 infer_timeout_s=s.triton.infer_timeout_s,
                 resolve_interval_s=s.triton.resolve_interval_s,
+                admin_key=s.triton.read_admin_key() if s.triton.urls else None,
             )
         except ValueError as exc:
             raise StartupError(str(exc)) from None

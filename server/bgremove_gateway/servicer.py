@@ -66,6 +66,13 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
         self.admission = admission or Admission(settings.memory_budget_bytes, settings.max_concurrent_streams)
         self.idle_trim = idle_trim or IdleTrim()
 
+    def _release(self, ticket: Ticket, access: _Access) -> None:
+        ticket.release()
+        self.idle_trim.leave()
+        access.done()
+        a = self.admission
+        log.debug("admission: streams=%d reserved_bytes=%d", a.streams, a.reserved_bytes)
+
     def _require_ready(self) -> None:
         if not self.state.ready:
             raise ServiceError(
@@ -89,10 +96,12 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
                 piece = view[offset : offset + step]
                 access.bytes_out += len(piece)
                 yield pb.ResultChunk(chunk=piece.tobytes())
+        except GeneratorExit:
+            # Closed mid-result: the caller cancelled, disconnected or ran out of time.
+            access.ended_by_caller()
+            raise
         finally:
-            ticket.release()
-            self.idle_trim.leave()
-            access.done()
+            self._release(ticket, access)
 
     async def RemoveBackground(
         self, request: pb.RemoveBackgroundRequest, context: grpc.aio.ServicerContext
@@ -105,9 +114,7 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
             access.bytes_out = len(result.data)
             return pb.RemoveBackgroundResponse(header=result.header, image=result.data)
         finally:
-            ticket.release()
-            self.idle_trim.leave()
-            access.done()
+            self._release(ticket, access)
 
     async def _guarded(
         self,
@@ -141,7 +148,7 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
             await abort(context, err)
         except asyncio.CancelledError:
             # The caller cancelled or its deadline passed; gRPC already told it so.
-            access.code = grpc.StatusCode.CANCELLED
+            access.ended_by_caller()
             raise
         except Exception:
             access.code = grpc.StatusCode.INTERNAL
@@ -165,6 +172,11 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
                 max_pixels=lim.max_pixels,
                 max_unary_bytes=lim.max_unary_bytes,
                 idle_timeout_ms=int(lim.idle_timeout_s * 1000),
+                upload_timeout_ms=int(lim.upload_timeout_s * 1000),
+                max_jpeg_scans=lim.max_jpeg_scans,
+                max_jpeg_scan_pixels=lim.max_jpeg_scan_pixels,
+                max_image_segments=lim.max_image_segments,
+                max_metadata_bytes=lim.max_metadata_bytes,
                 result_chunk_bytes=lim.result_chunk_bytes,
                 max_output_side=lim.max_output_side,
                 max_crop_margin=MAX_CROP_MARGIN,

@@ -3,6 +3,20 @@
 Only the Python backend ships in that wheel, so the embedded server runs the models' CPU configs
 (Python backend + ONNX Runtime). Everything binds 127.0.0.1. Triton's output goes to an in-memory
 ring buffer and the `bgremove.triton` logger, never to a file.
+
+Locked down against other local users, who can reach loopback ports and /dev/shm:
+- `--model-control-mode=none` over a private repository holding only the served models: Triton
+  loads them once at start and refuses every load/unload call (a loaded model's model.py would run
+  as this user), whoever asks;
+- its admin APIs (ADMIN_PROTOCOLS) answer only calls carrying a key made afresh for each start. The
+  gateway needs none of them. Triton takes the key only as a command-line argument, which
+  /proc/PID/cmdline shows to every local user; what that key still opens here (the repository
+  index, shared-memory registration inside Triton's private /dev/shm, trace level and rate, log
+  verbosity: Triton refuses to change trace or log file paths over the network) is no way in;
+- Triton gets a /dev/shm of its own (a 0700 directory bind-mounted in a mount namespace): the
+  Python backend makes its shared-memory regions, which hold every request's tensors, 0644
+  whatever the umask (boost.interprocess fchmods them), so in the shared /dev/shm any local user
+  could read them.
 """
 
 from __future__ import annotations
@@ -15,9 +29,12 @@ import importlib.util
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
+import stat
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -29,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bgremove_gateway.config import TritonSettings
+from bgremove_gateway.infer import ADMIN_HEADER
 from bgremove_gateway.model_repo import available_models
 
 log = logging.getLogger("bgremove.triton")
@@ -40,8 +58,18 @@ _POLL_S = 0.25
 _PR_SET_PDEATHSIG = 1
 # Triton's log prefix for errors: E<MMDD> <time> <tid> <file:line>]
 _ERROR_LINE = re.compile(r"^E\d{4} [\d:.]+\s+\d+ [\w.]+:\d+\] ")
+# With model-control-mode=none Triton's exit line says only "failed to load all models"; which
+# model failed, and why, is on an earlier line of its own.
+_MODEL_FAILED = re.compile(r"failed to load '([^']+)' version (\S+): (.*)")
 # A proxy from the environment must never see loopback health probes.
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# Triton's APIs that change or reveal the server rather than serve: loading and unloading models,
+# shared-memory registration, trace and log settings. Health, metadata, inference, model config
+# and statistics stay open: the gateway's probe uses health and statistics, tests use statistics.
+ADMIN_PROTOCOLS = ("model-repository", "shared-memory", "trace", "logging")
+SHM = Path("/dev/shm")
+# Run by `sh -c` inside the new mount namespace: $0 is the private directory, "$@" the command.
+_BIND_SHM = 'mount --bind "$0" /dev/shm && exec "$@"'
 
 
 class TritonStartError(RuntimeError):
@@ -146,6 +174,64 @@ def parent_death_launch() -> tuple[list[str], Callable[[], None] | None]:
     return [], preexec
 
 
+def restricted_api_flags(key: str, protocols: Iterable[str] = ADMIN_PROTOCOLS) -> list[str]:
+    """Triton's flags that make `protocols` answer only calls with the ADMIN_HEADER `key` (gRPC
+    metadata triton-grpc-protocol-<ADMIN_HEADER>, HTTP header <ADMIN_HEADER>)."""
+    group = f"{','.join(protocols)}:{ADMIN_HEADER}={key}"
+    return [f"--grpc-restricted-protocol={group}", f"--http-restricted-api={group}"]
+
+
+_isolation: list[str] | None = None
+_isolation_probed = False
+
+
+def private_shm_launch(shm_dir: Path) -> list[str] | None:
+    """argv prefix that runs a command with `shm_dir` bind-mounted on /dev/shm in a mount namespace
+    of its own, so what it creates in /dev/shm lands in `shm_dir` (0700: no other user gets in).
+    As root a mount namespace alone; otherwise, or where root lacks CAP_SYS_ADMIN, inside a user
+    namespace where the user is root. None where the system allows neither (e.g. a container whose
+    seccomp profile forbids unshare). Which one works is found once, by running it."""
+    global _isolation, _isolation_probed
+    if not _isolation_probed:
+        _isolation = _probe_isolation()
+        _isolation_probed = True
+    if _isolation is None:
+        return None
+    return [*_isolation, str(shm_dir)]
+
+
+def _probe_isolation() -> list[str] | None:
+    unshare, sh = shutil.which("unshare"), shutil.which("sh")
+    if unshare is None or sh is None or shutil.which("mount") is None:
+        return None
+    unprivileged = [unshare, "--user", "--map-root-user", "--mount", "--propagation", "private"]
+    variants = [[unshare, "--mount", "--propagation", "private"], unprivileged]
+    if os.geteuid() != 0:
+        variants = [unprivileged]
+    for variant in variants:
+        prefix = [*variant, "--", sh, "-c", _BIND_SHM]
+        try:
+            probe = Path(tempfile.mkdtemp(prefix="bgremove-shm-probe-", dir=SHM))
+        except OSError:  # no /dev/shm
+            return None
+        try:
+            subprocess.run(
+                [*prefix, str(probe), sh, "-c", ": > /dev/shm/probe"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=10,
+                check=False,
+            )
+            if (probe / "probe").is_file():
+                return prefix
+        except (OSError, subprocess.SubprocessError):
+            pass
+        finally:
+            shutil.rmtree(probe, ignore_errors=True)
+    return None
+
+
 def _child_pids(pid: int) -> list[int]:
     """Direct children of `pid` (the Python backend stubs), from /proc."""
     children: list[int] = []
@@ -171,6 +257,13 @@ class EmbeddedTriton:
         self.otlp_traces_url = otlp_traces_url
         self.exit_timeout_s = exit_timeout_s
         self.models: list[str] = []
+        # The key Triton's ADMIN_PROTOCOLS want from this start on: in this process only, never logged.
+        self.admin_key = ""
+        # Where Triton's /dev/shm is (a private directory, or /dev/shm itself where the system
+        # allows no mount namespace), and the name prefix of its Python backend's regions there.
+        self.shm_dir: Path | None = None
+        self.shm_private = False
+        self.shm_prefix = ""
         self._process: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._backend_root: Path | None = None
@@ -211,15 +304,22 @@ class EmbeddedTriton:
             raise RuntimeError("Triton was never started")
         return await self._process.wait()
 
-    def command(self, backend_dir: Path, server: Path) -> list[str]:
+    def shm_regions(self) -> list[Path]:
+        """The shared-memory regions this Triton's Python backend has in its /dev/shm now."""
+        if self.shm_dir is None or not self.shm_prefix:
+            return []
+        return sorted(self.shm_dir.glob(f"{self.shm_prefix}*"))
+
+    def command(self, backend_dir: Path, server: Path, repository: Path) -> list[str]:
         s = self.settings
         argv = [
             str(server),
-            f"--model-repository={s.model_repository}",
-            "--model-control-mode=explicit",
-            *(f"--load-model={m}" for m in self.models),
+            f"--model-repository={repository}",
+            # Loads the repository once, at start, and refuses load/unload calls even with the key.
+            "--model-control-mode=none",
             f"--model-config-name={s.model_config_name}",
             f"--backend-directory={backend_dir}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--http-address={HOST}",
             f"--http-port={s.http_port}",
             f"--grpc-address={HOST}",
@@ -228,6 +328,7 @@ class EmbeddedTriton:
             f"--metrics-port={s.metrics_port}",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             "--log-verbose=0",
+            *restricted_api_flags(self.admin_key),
         ]
         if self.otlp_traces_url:
             argv += [
@@ -293,11 +394,18 @@ class EmbeddedTriton:
         install = TritonInstallation.locate()
         self._backend_root = install.make_backend_dir()
         self._log.clear()
-        argv = self.command(self._backend_root / "backends", install.server)
-        log.info("starting Triton: %s", " ".join(argv))
+        self.admin_key = secrets.token_urlsafe(32)
+        self.shm_prefix = f"bgremove-triton-{secrets.token_hex(6)}-"
+        isolation = await asyncio.to_thread(self._make_shm_dir)
+        argv = self.command(
+            self._backend_root / "backends", install.server, self._served_repository(self._backend_root)
+        )
+        log.info("starting Triton: %s", " ".join(argv).replace(self.admin_key, "<admin key>"))
         launcher, preexec = parent_death_launch()
         try:
             self._process = await asyncio.create_subprocess_exec(
+                # setpriv comes after unshare: entering a user namespace clears the death signal.
+                *(isolation or []),
                 *launcher,
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -308,10 +416,13 @@ class EmbeddedTriton:
                 # first and then stops Triton, instead of both stopping at once.
                 start_new_session=True,
                 preexec_fn=preexec,
+                # Whatever Triton creates is its user's alone (the Python backend's regions excepted:
+                # it fchmods them to 0644, which the private /dev/shm makes harmless).
+                umask=0o077,
                 limit=1 << 20,
             )
         except OSError as exc:
-            self._remove_backend_dir()
+            self._remove_private_dirs()
             raise TritonStartError(f"cannot execute {install.server}: {exc}") from None
         self._reader = asyncio.create_task(self._read_output(self._process))
         try:
@@ -319,6 +430,37 @@ class EmbeddedTriton:
         except BaseException:
             await self.stop(timeout_s=5)
             raise
+        # Defence in depth inside the private directory; the only protection without one.
+        for region in self.shm_regions():
+            with contextlib.suppress(OSError):
+                region.chmod(stat.S_IRUSR | stat.S_IWUSR)
+
+    def _make_shm_dir(self) -> list[str] | None:
+        """Triton's /dev/shm: a private directory, and the launcher prefix that mounts it there."""
+        with contextlib.suppress(OSError):
+            # Named with the regions' prefix: all a killed gateway leaves in /dev/shm shares it.
+            private = Path(tempfile.mkdtemp(prefix=self.shm_prefix, dir=SHM))
+            isolation = private_shm_launch(private)
+            if isolation is not None:
+                self.shm_dir, self.shm_private = private, True
+                return isolation
+            private.rmdir()
+        self.shm_dir, self.shm_private = SHM, False
+        log.warning(
+            "this system gives Triton no private /dev/shm (no mount namespace allowed): other local "
+            "users can open its Python backend's shared memory, which carries request tensors, "
+            "until the gateway makes it 0600 once Triton is ready, and keep what they opened"
+        )
+        return None
+
+    def _served_repository(self, root: Path) -> Path:
+        """A private repository of links to the served models only: model-control-mode=none
+        loads every model it finds, and the real one may hold models not prepared yet."""
+        served = root / "models"
+        served.mkdir()
+        for model in self.models:
+            (served / model).symlink_to(self.settings.model_repository.resolve() / model)
+        return served
 
     async def _read_output(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None
@@ -398,21 +540,35 @@ class EmbeddedTriton:
                 await process.wait()
             await self._drain_reader()
             log.info("Triton stopped (exit code %s)", process.returncode)
-        self._remove_backend_dir()
+        self._remove_private_dirs()
 
-    def _remove_backend_dir(self) -> None:
+    def _remove_private_dirs(self) -> None:
+        """The backend directory and Triton's /dev/shm, with any region a killed Triton left."""
         if self._backend_root is not None:
             shutil.rmtree(self._backend_root, ignore_errors=True)
             self._backend_root = None
+        if self.shm_private and self.shm_dir is not None:
+            shutil.rmtree(self.shm_dir, ignore_errors=True)
+        else:
+            for region in self.shm_regions():
+                with contextlib.suppress(OSError):
+                    region.unlink()
+        self.shm_dir = None
 
 
 def _last_error(lines: Iterable[str], limit: int = 400) -> str:
     """Triton's last error line ("error: ..." on exit, "E<date> ..." in its log), shortened to one
     line so it can lead the exception message."""
-    found = ""
+    found = model_failure = ""
     for line in lines:
         if line.startswith("error:") or _ERROR_LINE.match(line):
             found = line
+            if failed := _MODEL_FAILED.search(line):
+                # Triton escapes the newlines of a Python traceback: its first line is the reason.
+                reason = failed[3].split("\\n", 1)[0].rstrip('"')
+                model_failure = f"load failed for model '{failed[1]}' (version {failed[2]}): {reason}"
+    if model_failure and "failed to load all models" in found:
+        found = model_failure
     found = _ERROR_LINE.sub("", found).strip().strip('"')
     return found if len(found) <= limit else found[: limit - 1] + "…"
 

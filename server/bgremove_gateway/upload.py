@@ -10,8 +10,9 @@ import asyncio
 import contextlib
 import hashlib
 import mmap
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 
@@ -76,30 +77,45 @@ def _check_header(header: pb.UploadHeader, limits: Limits) -> str:
     return content_type
 
 
-async def _next_message(messages: AsyncIterator[pb.UploadRequest], limits: Limits) -> pb.UploadRequest | None:
-    """The next message, or None when the client half-closed; a stalled client is cut off."""
+async def _next_message(
+    messages: AsyncIterator[pb.UploadRequest], limits: Limits, deadline: float
+) -> pb.UploadRequest | None:
+    """The next message, or None when the client half-closed; a stalled or trickling client is cut
+    off at the idle timeout or the whole-upload timeout, whichever comes first."""
+    left = deadline - asyncio.get_running_loop().time()
     try:
-        return await asyncio.wait_for(anext(messages), timeout=limits.idle_timeout_s)
+        return await asyncio.wait_for(anext(messages), timeout=max(0.0, min(limits.idle_timeout_s, left)))
     except StopAsyncIteration:
         return None
     except asyncio.TimeoutError:  # not the builtin on Python 3.10
         # DEADLINE_EXCEEDED, not CANCELLED or ABORTED: the operation ran out of time, and a client
         # on a slow link may retry; the message tells it apart from the client's own deadline.
-        raise ServiceError(
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            f"upload stalled: no message within the idle timeout of {limits.idle_timeout_s:g} s",
-        ) from None
+        if left <= limits.idle_timeout_s:
+            message = (
+                f"upload too slow: not complete within the upload timeout of {limits.upload_timeout_s:g} s"
+            )
+        else:
+            message = f"upload stalled: no message within the idle timeout of {limits.idle_timeout_s:g} s"
+        raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, message) from None
+
+
+class UploadBudget(Protocol):
+    """Admission's view of an upload: refuse a declaration that can never fit, then charge bytes as
+    they arrive, so a stream that declares much and sends little holds little."""
+
+    def declared(self, total_size: int) -> None: ...
+
+    def received(self, nbytes: int) -> None: ...
 
 
 async def read_stream_upload(
-    requests: AsyncIterator[pb.UploadRequest],
-    limits: Limits,
-    on_header: Callable[[pb.UploadHeader], None] | None = None,
+    requests: AsyncIterator[pb.UploadRequest], limits: Limits, budget: UploadBudget | None = None
 ) -> Upload:
     """Reads one header then chunks until the client half-closes, checking size and checksum.
-    `on_header` sees the checked header before any buffer is allocated (admission hooks in here)."""
+    `budget` sees the checked header before any buffer exists, then every chunk before it is kept."""
+    deadline = asyncio.get_running_loop().time() + limits.upload_timeout_s
     messages = aiter(requests)
-    first = await _next_message(messages, limits)
+    first = await _next_message(messages, limits, deadline)
     if first is None:
         raise invalid("header", "stream ended before the header: send an UploadRequest with header first")
     kind = first.WhichOneof("payload")
@@ -108,16 +124,15 @@ async def read_stream_upload(
         raise invalid("header", f"first message must carry the header, got {what}")
     header = first.header
     content_type = _check_header(header, limits)
-    if on_header is not None:
-        on_header(header)
+    if budget is not None:
+        budget.declared(header.total_size)
     # Preallocated once and filled in place: no list of chunks to join, so peak memory is the image
     # once. An anonymous map rather than bytearray(total): bytearray zero-fills (commits) every page
-    # up front (0.15 s per 50 MiB here), so a client declaring 50 MiB and then stalling would hold
-    # 50 MiB until the idle timeout; the map's pages are committed only as chunks fill them.
-    # Anonymous, so nothing reaches the disk.
+    # up front, while the map's pages are committed only as chunks fill them, which is also when
+    # the budget is charged. Anonymous, so nothing reaches the disk.
     buffer = mmap.mmap(-1, header.total_size)
     try:
-        await _receive_chunks(messages, header, buffer, limits)
+        await _receive_chunks(messages, header, buffer, limits, deadline, budget)
     except BaseException:
         buffer.close()  # release the memory now, not when the traceback is collected
         raise
@@ -125,12 +140,17 @@ async def read_stream_upload(
 
 
 async def _receive_chunks(
-    messages: AsyncIterator[pb.UploadRequest], header: pb.UploadHeader, buffer: mmap.mmap, limits: Limits
+    messages: AsyncIterator[pb.UploadRequest],
+    header: pb.UploadHeader,
+    buffer: mmap.mmap,
+    limits: Limits,
+    deadline: float,
+    budget: UploadBudget | None,
 ) -> None:
     total = header.total_size
     digest = hashlib.sha256() if header.sha256 else None
     received = 0
-    while (message := await _next_message(messages, limits)) is not None:
+    while (message := await _next_message(messages, limits, deadline)) is not None:
         kind = message.WhichOneof("payload")
         if kind == "header":
             raise invalid("header", "a second header arrived: send the header exactly once, first")
@@ -138,6 +158,10 @@ async def _receive_chunks(
             raise invalid("chunk", "an UploadRequest carried neither header nor chunk")
         chunk = message.chunk
         size = len(chunk)
+        if size == 0:
+            raise invalid(
+                "chunk", f"empty chunk: every chunk carries 1 to {limits.max_chunk_bytes} image bytes"
+            )
         if size > limits.max_chunk_bytes:
             raise too_large(
                 "chunk", f"chunk of {size} bytes is over the limit of {limits.max_chunk_bytes} bytes"
@@ -154,6 +178,8 @@ async def _receive_chunks(
                 f"received more than the {total} bytes declared in header.total_size "
                 f"({received + size} bytes so far)",
             )
+        if budget is not None:
+            budget.received(size)
         buffer[received : received + size] = chunk
         if digest is not None:
             digest.update(chunk)

@@ -9,7 +9,7 @@ The upload is streamed in chunks with a SHA-256 the server verifies; errors are 
 the server's gRPC status code, message and field violations. AsyncClient is the asyncio twin.
 """
 
-from bgremove.channel import DEFAULT_TARGET, __version__
+from bgremove.channel import DEFAULT_TARGET, InsecureKeyWarning, __version__
 from bgremove.client import AsyncClient, Client, remove
 from bgremove.errors import BgRemoveError, FieldViolation
 from bgremove.options import RemoveOptions
@@ -21,6 +21,7 @@ __all__ = [
     "BgRemoveError",
     "Client",
     "FieldViolation",
+    "InsecureKeyWarning",
     "RemovalResult",
     "RemoveOptions",
     "__version__",

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import TextIO, TypeVar
 import grpc
 from tqdm import tqdm
 
-from bgremove.channel import DEFAULT_TARGET
+from bgremove.channel import DEFAULT_TARGET, InsecureKeyWarning, plaintext_key_warning
 from bgremove.client import DEFAULT_TIMEOUT, AsyncClient
 from bgremove.errors import BgRemoveError
 from bgremove.options import FORMATS, OutputFormatName, RemoveOptions, Rgb, parse_color
@@ -231,15 +232,30 @@ def _client_factory(ns: argparse.Namespace) -> Callable[[], AsyncClient]:
 
     root, chain, key = read(ns.tls_ca), read(ns.tls_cert), read(ns.tls_key)
     api_key = ns.api_key or os.environ.get("BGREMOVE_API_KEY") or None
-    return lambda: AsyncClient(
+    insecure = plaintext_key_warning(
         ns.target,
-        tls=ns.tls,
-        root_certificates=root,
-        certificate_chain=chain,
-        private_key=key,
         api_key=api_key,
-        timeout=ns.timeout,
+        tls=ns.tls or root is not None or chain is not None,
+        hint="give --tls (or --tls-ca FILE) to use TLS",
     )
+    if insecure is not None:
+        print(f"{PROG}: warning: {insecure}", file=sys.stderr)
+
+    def make() -> AsyncClient:
+        # The line above already said it, in the CLI's words, instead of Python's two-line form.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InsecureKeyWarning)
+            return AsyncClient(
+                ns.target,
+                tls=ns.tls,
+                root_certificates=root,
+                certificate_chain=chain,
+                private_key=key,
+                api_key=api_key,
+                timeout=ns.timeout,
+            )
+
+    return make
 
 
 async def _remove_all(

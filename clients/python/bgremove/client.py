@@ -11,7 +11,15 @@ from typing import Any
 import grpc
 from opentelemetry import trace
 
-from bgremove.channel import DEFAULT_TARGET, call_metadata, channel_credentials, channel_options
+from bgremove.channel import (
+    DEFAULT_TARGET,
+    InsecureKeyWarning,
+    call_metadata,
+    channel_credentials,
+    channel_options,
+    plaintext_key_warning,
+    warn_outside,
+)
 from bgremove.errors import BgRemoveError
 from bgremove.options import RemoveOptions
 from bgremove.result import RemovalResult, ResultAssembler
@@ -53,6 +61,15 @@ class _Base:
             private_key=private_key,
         )
         self._channel_options = channel_options(options)
+        # Once per client, when it is made: a warning per call would drown the caller's output.
+        text = plaintext_key_warning(
+            target,
+            api_key=api_key,
+            tls=self._credentials is not None,
+            hint="pass tls=True (or root_certificates) to use TLS",
+        )
+        if text is not None:
+            warn_outside(InsecureKeyWarning(text))
         self.target = target
         self._api_key = api_key
         self._chunk_size = chunk_size
@@ -90,7 +107,8 @@ class Client(_Base):
     """Blocking client on a plain grpc channel; thread-safe, reuse one for many calls.
 
     TLS is used when tls=True or any certificate is given (mutual TLS with certificate_chain and
-    private_key); api_key is sent as `authorization: Bearer <key>`.
+    private_key); api_key is sent as `authorization: Bearer <key>`. An api_key without TLS to a
+    target other than this machine gives an InsecureKeyWarning when the client is made.
     """
 
     def __init__(

@@ -80,6 +80,15 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 {{- default (printf "%s-tls" (include "bgremove.gateway.fullname" .)) .Values.gateway.tls.existingSecret }}
 {{- end }}
 
+{{- define "bgremove.triton.adminKeySecretName" -}}
+{{- default (printf "%s-admin-key" (include "bgremove.triton.fullname" .)) .Values.triton.adminKey.existingSecret }}
+{{- end }}
+
+{{/* Where the gateway finds the Triton admin key (a file from the Secret, never an argument). */}}
+{{- define "bgremove.triton.adminKeyPath" -}}
+{{- printf "/etc/bgremove/triton-admin/%s" .Values.triton.adminKey.existingSecretKey }}
+{{- end }}
+
 {{- define "bgremove.gateway.apiKeysSecretName" -}}
 {{- default (printf "%s-api-keys" (include "bgremove.gateway.fullname" .)) .Values.gateway.auth.existingSecret }}
 {{- end }}

@@ -139,7 +139,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., input_size: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_upload_bytes", "max_chunk_bytes", "max_pixels", "max_unary_bytes", "idle_timeout_ms", "result_chunk_bytes", "max_output_side", "max_crop_margin")
+    __slots__ = ("max_upload_bytes", "max_chunk_bytes", "max_pixels", "max_unary_bytes", "idle_timeout_ms", "result_chunk_bytes", "max_output_side", "max_crop_margin", "upload_timeout_ms", "max_jpeg_scans", "max_image_segments", "max_metadata_bytes", "max_jpeg_scan_pixels")
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,11 @@ class Limits(_message.Message):
     RESULT_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_OUTPUT_SIDE_FIELD_NUMBER: _ClassVar[int]
     MAX_CROP_MARGIN_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_JPEG_SCANS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_METADATA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_JPEG_SCAN_PIXELS_FIELD_NUMBER: _ClassVar[int]
     max_upload_bytes: int
     max_chunk_bytes: int
     max_pixels: int
@@ -156,7 +161,12 @@ class Limits(_message.Message):
     result_chunk_bytes: int
     max_output_side: int
     max_crop_margin: int
-    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_unary_bytes: _Optional[int] = ..., idle_timeout_ms: _Optional[int] = ..., result_chunk_bytes: _Optional[int] = ..., max_output_side: _Optional[int] = ..., max_crop_margin: _Optional[int] = ...) -> None: ...
+    upload_timeout_ms: int
+    max_jpeg_scans: int
+    max_image_segments: int
+    max_metadata_bytes: int
+    max_jpeg_scan_pixels: int
+    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_unary_bytes: _Optional[int] = ..., idle_timeout_ms: _Optional[int] = ..., result_chunk_bytes: _Optional[int] = ..., max_output_side: _Optional[int] = ..., max_crop_margin: _Optional[int] = ..., upload_timeout_ms: _Optional[int] = ..., max_jpeg_scans: _Optional[int] = ..., max_image_segments: _Optional[int] = ..., max_metadata_bytes: _Optional[int] = ..., max_jpeg_scan_pixels: _Optional[int] = ...) -> None: ...
 
 class GetServiceInfoResponse(_message.Message):
     __slots__ = ("models", "default_model", "limits", "output_formats", "input_content_types", "version")
