@@ -190,7 +190,7 @@ class GatewayProcess:
         with grpc.insecure_channel(f"127.0.0.1:{self.health_port or self.port}") as channel:
             try:
                 resp = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=service), timeout=2
+                    health_pb2.HealthCheckRequest(service=service), timeout=10
                 )
             except grpc.RpcError:
                 return None

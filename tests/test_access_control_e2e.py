@@ -73,7 +73,7 @@ def keyed(gateway: GatewayProcess, tmp_path_factory: pytest.TempPathFactory) -> 
     )
     gw.start()
     try:
-        gw.wait_serving(60)
+        gw.wait_serving()
         yield Keyed(gw, path, keys)
     finally:
         gw.stop()

@@ -81,7 +81,7 @@ def variant(
         metadata = (("authorization", f"Bearer {key}"),)
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"} if traced else {}
     gw = GatewayProcess(args=args, env=env)
-    with gw.serving(60):
+    with gw.serving():
         yield Variant(gw, metadata, traced)
         log = gw.log_text()
     assert "Traceback" not in log, log[-4000:]

@@ -34,7 +34,7 @@ def limited(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
             str(IDLE_S),
         ]
     )
-    with gw.serving(60):
+    with gw.serving():
         yield gw
 
 

@@ -52,7 +52,7 @@ def costly_gateway(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
             str(BUDGET),
         ]
     )
-    with gw.serving(60):
+    with gw.serving():
         yield gw
 
 

@@ -93,7 +93,7 @@ def pooled_gateway(tritons: list[EmbeddedTriton]) -> Any:
             "DEBUG",
         ]
     )
-    with gw.serving(60):
+    with gw.serving():
         yield gw
 
 

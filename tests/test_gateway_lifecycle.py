@@ -85,7 +85,7 @@ def test_sigterm_finishes_in_flight_streams_and_refuses_new(gateway: GatewayProc
         args=["--triton-url", f"127.0.0.1:{gateway.triton_grpc_port}", "--drain-seconds", "90"]
     )
     gw.start()
-    gw.wait_serving(60)
+    gw.wait_serving()
     jpeg = jpeg_bytes(skdata.chelsea())
     released = threading.Event()
     started = threading.Semaphore(0)

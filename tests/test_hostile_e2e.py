@@ -64,7 +64,7 @@ def strict(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
             str(MAX_SIDE),
         ]
     )
-    with gw.serving(60):
+    with gw.serving():
         yield gw
 
 

@@ -477,7 +477,7 @@ def test_a_guess_flood_does_not_slow_valid_keys(gateway: GatewayProcess, tmp_pat
     outcomes: dict[str, int] = {}
     flood_s = 0.0
     with (
-        gw.serving(60),
+        gw.serving(),
         grpc.insecure_channel(gw.target) as channel,
         grpc.insecure_channel(f"[::1]:{gw.port}") as owner,
     ):

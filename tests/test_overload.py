@@ -55,7 +55,7 @@ def small_gateway() -> Iterator[GatewayProcess]:
     )
     gw.start()
     try:
-        gw.wait_serving(120)
+        gw.wait_serving()
         yield gw
     finally:
         assert gw.stop() == 0

@@ -459,7 +459,7 @@ async def test_memory_returns_to_baseline_after_large_and_cancelled_uploads(gate
     gw.start()
     assert gw.proc is not None
     try:
-        gw.wait_serving(60)
+        gw.wait_serving()
         pid = gw.proc.pid
         big = io.BytesIO()
         Image.fromarray(skdata.astronaut()).resize((4000, 3000)).save(big, "JPEG", quality=92)

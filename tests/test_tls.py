@@ -134,7 +134,7 @@ def _start(args: list[str], health_port: int | None = None) -> GatewayProcess:
     gw = GatewayProcess(args=args, health_port=health_port)
     gw.start()
     try:
-        gw.wait_serving(60)
+        gw.wait_serving()
     except BaseException:
         gw.stop()
         raise
@@ -301,7 +301,7 @@ def pod_gateway(gateway: GatewayProcess, *args: str) -> Iterator[GatewayProcess]
         port=port,
         health_port=health_port,
     )
-    with gw.serving(60):
+    with gw.serving():
         yield gw
 
 
