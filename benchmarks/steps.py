@@ -22,11 +22,11 @@ import numpy.typing as npt
 
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove_gateway.config import Limits
-from bgremove_gateway.decode import decode
-from bgremove_gateway.encode import encode
-from bgremove_gateway.memory import configure_allocator
-from bgremove_gateway.postprocess import compose, mask_to_alpha
-from bgremove_gateway.preprocess import to_model_input
+from bgremove_gateway.pipeline.decode import decode
+from bgremove_gateway.pipeline.encode import encode
+from bgremove_gateway.pipeline.postprocess import compose, mask_to_alpha
+from bgremove_gateway.pipeline.preprocess import to_model_input
+from bgremove_gateway.runtime.memory import configure_allocator
 
 T = TypeVar("T")
 FORMATS = {

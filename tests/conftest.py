@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from bgremove_gateway.config import DEFAULT_MODEL_REPOSITORY
-from bgremove_gateway.model_repo import prepare_models
+from bgremove_gateway.triton.graph import prepare_models
 from service_harness import GatewayProcess, OtlpReceiver
 
 

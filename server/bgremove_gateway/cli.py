@@ -20,15 +20,15 @@ from bgremove_gateway.config import (
 
 
 def _configure_logging(level: str) -> None:
-    from bgremove_gateway.logs import configure_logging
+    from bgremove_gateway.runtime.logs import configure_logging
 
     configure_logging(level)
 
 
 def _cmd_serve(ns: argparse.Namespace) -> int:
     from bgremove.tracing import configure_tracing, shutdown_tracing
-    from bgremove_gateway.memory import configure_allocator
-    from bgremove_gateway.server import StartupError, serve
+    from bgremove_gateway.runtime.memory import configure_allocator
+    from bgremove_gateway.service.server import StartupError, serve
 
     settings = settings_from_args(ns)
     _configure_logging(settings.log_level)
@@ -48,7 +48,7 @@ def _cmd_triton(ns: argparse.Namespace) -> int:
     import signal
 
     from bgremove.tracing import otlp_traces_url
-    from bgremove_gateway.triton_process import EmbeddedTriton, TritonStartError
+    from bgremove_gateway.triton.embedded import EmbeddedTriton, TritonStartError
 
     _configure_logging(ns.log_level)
     triton = EmbeddedTriton(triton_settings_from_args(ns), otlp_traces_url=otlp_traces_url())
@@ -74,7 +74,7 @@ def _cmd_triton(ns: argparse.Namespace) -> int:
 
 
 def _cmd_prepare_models(ns: argparse.Namespace) -> int:
-    from bgremove_gateway.model_repo import prepare_models
+    from bgremove_gateway.triton.graph import prepare_models
 
     _configure_logging(ns.log_level)
     try:
@@ -94,13 +94,13 @@ def _cmd_remove(ns: argparse.Namespace) -> int:
 
 
 def _cmd_keys(ns: argparse.Namespace) -> int:
-    from bgremove_gateway.keys_cli import run
+    from bgremove_gateway.tools.keys_cli import run
 
     return run(ns)
 
 
 def _cmd_bench(ns: argparse.Namespace) -> int:
-    from bgremove_gateway.bench import run
+    from bgremove_gateway.tools.bench import run
 
     return run(ns)
 
@@ -138,13 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_remove_arguments(p)
     p.set_defaults(func=_cmd_remove)
 
-    from bgremove_gateway.keys_cli import add_arguments as add_keys_arguments
+    from bgremove_gateway.tools.keys_cli import add_arguments as add_keys_arguments
 
     p = sub.add_parser("keys", help="add, list or revoke the API keys in a keys file")
     add_keys_arguments(p)
     p.set_defaults(func=_cmd_keys)
 
-    from bgremove_gateway.bench import add_arguments as add_bench_arguments
+    from bgremove_gateway.tools.bench import add_arguments as add_bench_arguments
 
     p = sub.add_parser("bench", help="measure a running service against Triton direct and the model alone")
     add_bench_arguments(p)

@@ -1,0 +1,1 @@
+"""Process resources: the memory budget and stream cap, the allocator, logging setup."""

@@ -1,0 +1,273 @@
+"""Gateway lifecycle: bind, report NOT_SERVING, bring up Triton, serve, drain on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+from bgremove.tracing import otlp_traces_url
+from bgremove.v1 import bgremove_pb2 as pb
+from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
+from bgremove_gateway.access.control import RELOAD_INTERVAL_S, AccessControl, KeyStore
+from bgremove_gateway.access.tls import ListenerError, listener
+from bgremove_gateway.config import Settings
+from bgremove_gateway.pipeline.encode_pool import EncodePool
+from bgremove_gateway.pipeline.flow import Pipeline
+from bgremove_gateway.runtime.budget import PER_REQUEST_OVERHEAD_BYTES, MemoryBudget, image_bytes_estimate
+from bgremove_gateway.service.calls import CallLifecycle
+from bgremove_gateway.service.servicer import BackgroundRemovalServicer, ServingState
+from bgremove_gateway.triton.embedded import EmbeddedTriton, TritonStartError
+from bgremove_gateway.triton.pool import TritonPool
+from bgremove_gateway.triton.supervisor import TritonSupervisor
+
+log = logging.getLogger("bgremove.gateway")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BackgroundRemoval"].full_name
+
+
+class StartupError(Exception):
+    """A one-line reason the gateway cannot start; the CLI prints it and exits 1."""
+
+
+def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    lim, conn = settings.limits, settings.connections
+    largest_message = max(lim.max_unary_bytes, lim.max_chunk_bytes) + 64 * 1024
+    return [
+        ("grpc.max_receive_message_length", largest_message),
+        ("grpc.max_send_message_length", max(largest_message, lim.result_chunk_bytes + 64 * 1024)),
+        # gRPC sets SO_REUSEPORT by default, which lets a second gateway silently share the port.
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Clients pinging more often than this get GOAWAY (too_many_pings) after two strikes.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_concurrent_streams", conn.max_streams_per_connection),
+        ("grpc.max_connection_idle_ms", int(conn.max_idle_s * 1000)),
+        ("grpc.max_connection_age_ms", int(conn.max_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(conn.max_age_grace_s * 1000)),
+        ("grpc.keepalive_time_ms", int(conn.keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(conn.keepalive_timeout_s * 1000)),
+    ]
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    port: int
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen on {address}: address in use or not available ({exc})") from None
+    if port == 0:
+        raise StartupError(f"cannot listen on {address}: address in use or not available")
+    return port
+
+
+async def _reload_keys(keys: KeyStore, access_control: AccessControl) -> None:
+    while True:
+        await asyncio.sleep(RELOAD_INTERVAL_S)
+        if keys.reload_if_changed():
+            access_control.admission.forget(keys.ids)
+
+
+class Gateway:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state = ServingState()
+        self.health = health.aio.HealthServicer()
+        self.triton: EmbeddedTriton | None = None
+        self.pool: TritonPool | None = None
+        self.supervisor: TritonSupervisor | None = None
+        self.admission = MemoryBudget(settings.memory_budget_bytes, settings.max_concurrent_streams)
+        self.executor = ThreadPoolExecutor(
+            max_workers=settings.cpu_workers, thread_name_prefix="bgremove-cpu"
+        )
+        self.encoder: EncodePool | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health_server: grpc.aio.Server | None = None
+        self.port = 0
+        self._monitor: asyncio.Task[None] | None = None
+        self._key_reloader: asyncio.Task[None] | None = None
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        """Binds the port first (so a taken port fails in a second), then brings the backend up."""
+        s = self.settings
+        tracing_filter = filters.negate(
+            filters.any_of(
+                filters.service_name("grpc.health.v1.Health"),
+                filters.service_prefix("grpc.reflection"),
+            )
+        )
+        try:
+            security = listener(s.listen, s.security)
+        except ListenerError as exc:
+            raise StartupError(str(exc)) from None
+        access_control = AccessControl(security.policy)
+        server = grpc.aio.server(
+            interceptors=[CallLifecycle(), aio_server_interceptor(filter_=tracing_filter), access_control],
+            options=_grpc_options(s),
+        )
+        self.port = _bind(server, s.listen, security.credentials)
+        self.server = server
+        if s.security.health_listen is not None:
+            # Plaintext, grpc.health.v1 and reflection only: the kubelet's gRPC probe cannot do TLS.
+            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            # grpcurl needs reflection to name the service it calls.
+            reflection.enable_server_reflection(
+                (health.SERVICE_NAME, reflection.SERVICE_NAME), self.health_server
+            )
+            _bind(self.health_server, s.security.health_listen, None)
+        if security.policy.keys is not None:
+            self._key_reloader = asyncio.create_task(_reload_keys(security.policy.keys, access_control))
+
+        urls = list(s.triton.urls)
+        if not urls:
+            self.triton = EmbeddedTriton(s.triton, otlp_traces_url=otlp_traces_url())
+            urls = [self.triton.grpc_url]
+        try:
+            self.pool = TritonPool(
+                urls,
+                default_model=s.default_model,
+                infer_timeout_s=s.triton.infer_timeout_s,
+                resolve_interval_s=s.triton.resolve_interval_s,
+                admin_key=s.triton.read_admin_key() if s.triton.urls else None,
+            )
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        self._warn_if_budget_too_small()
+        self.encoder = EncodePool(s.cpu_workers)
+        await asyncio.to_thread(self.encoder.start)
+        pipeline = Pipeline(s, self.pool, self.executor, self.encoder)
+        pb_grpc.add_BackgroundRemovalServicer_to_server(
+            BackgroundRemovalServicer(pipeline, self.state, self.admission), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        await self._set_health(False)
+        await server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
+        log.info("listening on %s (NOT_SERVING until the model is ready)", s.listen)
+
+        if self.triton is not None:
+            try:
+                await self.triton.start()
+            except TritonStartError as exc:
+                await server.stop(0)
+                raise StartupError(str(exc)) from None
+            log.info(
+                "embedded Triton ready at %s with models %s",
+                self.triton.grpc_url,
+                ", ".join(self.triton.models),
+            )
+            triton, pool = self.triton, self.pool
+            self.supervisor = TritonSupervisor(
+                triton,
+                on_exit=lambda reason: pool.mark_down(triton.grpc_url, reason),
+                on_ready=pool.probe_all,
+            )
+            self.supervisor.start()
+        await self.pool.start()
+        await self._apply_pool_status(pipeline)
+        self._monitor = asyncio.create_task(self._follow_pool(pipeline))
+
+    def _warn_if_budget_too_small(self) -> None:
+        s, lim = self.settings, self.settings.limits
+        largest = (
+            lim.max_upload_bytes
+            + image_bytes_estimate(lim.max_pixels, 1, pb.OUTPUT_FORMAT_PNG)
+            + PER_REQUEST_OVERHEAD_BYTES
+        )
+        if largest > s.memory_budget_bytes:
+            log.warning(
+                "--memory-budget-bytes %d is below the %d bytes the largest allowed image needs as a PNG "
+                "cut-out (--max-upload-bytes + --max-pixels x 16): such requests will be refused",
+                s.memory_budget_bytes,
+                largest,
+            )
+
+    async def _apply_pool_status(self, pipeline: Pipeline) -> None:
+        assert self.pool is not None
+        status = self.pool.status
+        if status.ready != self.state.ready:
+            log.info("backend %s: %s", "SERVING" if status.ready else "NOT_SERVING", status.summary)
+        self.state.models, self.state.ready = list(status.models), status.ready
+        self.state.reason = status.summary
+        if status.models:
+            pipeline.models = status.models
+        await self._set_health(status.ready)
+
+    async def _follow_pool(self, pipeline: Pipeline) -> None:
+        """Health follows the pool: SERVING while any replica has the default model READY."""
+        assert self.pool is not None
+        while True:
+            await self.pool.changed.wait()
+            self.pool.changed.clear()
+            await self._apply_pool_status(pipeline)
+
+    async def stop(self) -> None:
+        """Graceful drain: NOT_SERVING at once, new RPCs refused, in-flight ones get drain_seconds."""
+        await self.health.enter_graceful_shutdown()
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        if self._key_reloader is not None:
+            self._key_reloader.cancel()
+        if self.server is not None:
+            await self.server.stop(self.settings.drain_seconds)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        if self.pool is not None:
+            await self.pool.close()
+        if self.triton is not None:
+            await self.triton.stop()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.encoder is not None:
+            self.encoder.shutdown()
+
+
+async def serve(settings: Settings) -> int:
+    gateway = Gateway(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        starting = asyncio.create_task(gateway.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StartupError):
+                await starting
+        else:
+            starting.result()
+            log.info("serving bgremove on %s", settings.listen)
+            await stopping
+        log.info("shutting down: draining for up to %.0fs", settings.drain_seconds)
+    finally:
+        await gateway.stop()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,1 @@
+"""Operator commands off the serving path: the benchmark and the keys CLI."""

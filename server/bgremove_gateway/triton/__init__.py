@@ -1,0 +1,2 @@
+"""Triton: the client, the pool of replicas, target resolution, the embedded process and its
+supervisor, and the serving-graph builder."""
