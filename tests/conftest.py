@@ -25,7 +25,7 @@ def otlp() -> Iterator[OtlpReceiver]:
 
 
 @pytest.fixture(scope="session")
-def gateway(otlp: OtlpReceiver) -> Iterator[GatewayProcess]:
+def gateway(otlp: OtlpReceiver, prepared_repo: Path) -> Iterator[GatewayProcess]:
     """One real gateway with its embedded Triton for the whole session, exporting traces to `otlp`."""
     gw = GatewayProcess(
         args=["--log-level", "DEBUG"],

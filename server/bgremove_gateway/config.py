@@ -1,16 +1,22 @@
 """The one typed configuration object, built from CLI flags with BGREMOVE_* environment fallbacks.
 
-Precedence: flag > environment variable > default. OpenTelemetry is configured separately by the
-standard OTEL_* variables, which the SDK reads itself.
+Each flag is one row of FLAGS, which binds it to the settings field it fills: the field's type and
+default are the flag's, and its environment variable is BGREMOVE_ and the flag's name in capitals
+(--max-pixels: BGREMOVE_MAX_PIXELS). add_arguments() puts rows on a parser, and the *_from_args
+functions read them back into Settings. Precedence: flag > environment variable > default.
+OpenTelemetry is configured separately by the standard OTEL_* variables, which the SDK reads itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-from collections.abc import Mapping
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 MiB = 1024 * 1024
 
@@ -127,279 +133,329 @@ class Settings:
     connections: Connections = field(default_factory=Connections)
 
 
-def _env(env: Mapping[str, str], name: str, default: str) -> str:
-    return env.get(f"BGREMOVE_{name}", default)
+T = TypeVar("T")
 
-
-def add_triton_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
-    env = os.environ if env is None else env
-    t = TritonSettings()
-    parser.add_argument(
-        "--triton-url",
-        dest="triton_urls",
-        action="append",
-        # argparse's append extends a default list in place, so flags would add to the env's list;
-        # the env value is applied only when no flag is given.
-        default=None,
-        metavar="HOST:PORT",
-        help="external Triton gRPC endpoint (repeatable); none starts an embedded one [BGREMOVE_TRITON_URL]",
-    )
-    parser.set_defaults(triton_urls_env=tuple(u for u in _env(env, "TRITON_URL", "").split(",") if u))
-    parser.add_argument(
-        "--triton-grpc-port", type=int, default=int(_env(env, "TRITON_GRPC_PORT", str(t.grpc_port)))
-    )
-    parser.add_argument(
-        "--triton-http-port", type=int, default=int(_env(env, "TRITON_HTTP_PORT", str(t.http_port)))
-    )
-    parser.add_argument(
-        "--triton-metrics-port", type=int, default=int(_env(env, "TRITON_METRICS_PORT", str(t.metrics_port)))
-    )
-    parser.add_argument(
-        "--model-repository",
-        type=Path,
-        default=Path(_env(env, "MODEL_REPOSITORY", str(t.model_repository))),
-    )
-    parser.add_argument(
-        "--model-config-name",
-        default=_env(env, "MODEL_CONFIG_NAME", t.model_config_name),
-        help="config under <model>/configs/ that Triton loads: cpu or gpu [BGREMOVE_MODEL_CONFIG_NAME]",
-    )
-    parser.add_argument(
-        "--triton-startup-timeout",
-        type=float,
-        default=float(_env(env, "TRITON_STARTUP_TIMEOUT", str(t.startup_timeout_s))),
-    )
-    parser.add_argument(
-        "--infer-timeout",
-        type=float,
-        default=float(_env(env, "INFER_TIMEOUT", str(t.infer_timeout_s))),
-    )
-    parser.add_argument(
-        "--triton-admin-key-file",
-        type=Path,
-        default=_env(env, "TRITON_ADMIN_KEY_FILE", "") or None,
-        metavar="FILE",
-        help="file with the key an external Triton's restricted APIs want (its "
-        "--grpc-restricted-protocol value); sent on every call [BGREMOVE_TRITON_ADMIN_KEY_FILE]",
-    )
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
-    env = os.environ if env is None else env
-    s, lim = Settings(), Limits()
-    parser.add_argument(
-        "--listen", default=_env(env, "LISTEN", s.listen), help="gRPC address [BGREMOVE_LISTEN]"
-    )
-    parser.add_argument("--default-model", default=_env(env, "DEFAULT_MODEL", s.default_model))
-    parser.add_argument(
-        "--max-upload-bytes", type=int, default=int(_env(env, "MAX_UPLOAD_BYTES", str(lim.max_upload_bytes)))
-    )
-    parser.add_argument(
-        "--max-chunk-bytes", type=int, default=int(_env(env, "MAX_CHUNK_BYTES", str(lim.max_chunk_bytes)))
-    )
-    parser.add_argument("--max-pixels", type=int, default=int(_env(env, "MAX_PIXELS", str(lim.max_pixels))))
-    parser.add_argument(
-        "--max-unary-bytes", type=int, default=int(_env(env, "MAX_UNARY_BYTES", str(lim.max_unary_bytes)))
-    )
-    parser.add_argument(
-        "--idle-timeout", type=float, default=float(_env(env, "IDLE_TIMEOUT", str(lim.idle_timeout_s)))
-    )
-    parser.add_argument(
-        "--upload-timeout",
-        type=float,
-        default=float(_env(env, "UPLOAD_TIMEOUT", str(lim.upload_timeout_s))),
-        help="seconds a whole streamed upload may take, header to half-close [BGREMOVE_UPLOAD_TIMEOUT]",
-    )
-    for flag, name, value, what in (
-        ("--max-jpeg-scans", "MAX_JPEG_SCANS", lim.max_jpeg_scans, "scans a progressive JPEG may carry"),
-        (
-            "--max-jpeg-scan-pixels",
-            "MAX_JPEG_SCAN_PIXELS",
-            lim.max_jpeg_scan_pixels,
-            "JPEG scans x frame pixels (the decode work)",
-        ),
-        (
-            "--max-image-segments",
-            "MAX_IMAGE_SEGMENTS",
-            lim.max_image_segments,
-            "JPEG markers or PNG/WebP chunks",
-        ),
-        ("--max-metadata-bytes", "MAX_METADATA_BYTES", lim.max_metadata_bytes, "metadata an image may carry"),
-    ):
-        parser.add_argument(
-            flag,
-            type=int,
-            metavar="N",
-            default=int(_env(env, name, str(value))),
-            help=f"most {what} [BGREMOVE_{name}]",
-        )
-    parser.add_argument(
-        "--result-chunk-bytes",
-        type=int,
-        default=int(_env(env, "RESULT_CHUNK_BYTES", str(lim.result_chunk_bytes))),
-        help="largest result chunk StreamRemoveBackground sends [BGREMOVE_RESULT_CHUNK_BYTES]",
-    )
-    parser.add_argument(
-        "--max-output-side", type=int, default=int(_env(env, "MAX_OUTPUT_SIDE", str(lim.max_output_side)))
-    )
-    parser.add_argument("--cpu-workers", type=int, default=int(_env(env, "CPU_WORKERS", str(s.cpu_workers))))
-    parser.add_argument(
-        "--drain-seconds", type=float, default=float(_env(env, "DRAIN_SECONDS", str(s.drain_seconds)))
-    )
-    parser.add_argument("--log-level", default=_env(env, "LOG_LEVEL", s.log_level))
-    add_security_arguments(parser, env)
-    parser.add_argument(
-        "--memory-budget-bytes",
-        type=int,
-        default=int(_env(env, "MEMORY_BUDGET_BYTES", str(s.memory_budget_bytes))),
-        help="uploads plus decoded images held at once; above it new calls get RESOURCE_EXHAUSTED "
-        "[BGREMOVE_MEMORY_BUDGET_BYTES]",
-    )
-    parser.add_argument(
-        "--max-concurrent-streams",
-        type=int,
-        default=int(_env(env, "MAX_CONCURRENT_STREAMS", str(s.max_concurrent_streams))),
-        help="open RemoveBackground/StreamRemoveBackground calls at once [BGREMOVE_MAX_CONCURRENT_STREAMS]",
-    )
-    add_connection_arguments(parser, env)
-    parser.add_argument(
-        "--triton-resolve-interval",
-        type=float,
-        default=float(_env(env, "TRITON_RESOLVE_INTERVAL", str(TritonSettings().resolve_interval_s))),
-        help="seconds between DNS lookups of a --triton-url name [BGREMOVE_TRITON_RESOLVE_INTERVAL]",
-    )
-    add_triton_arguments(parser, env)
-
-
-# flag, env name, field of Connections, help
-_CONNECTION_FLAGS = (
-    (
-        "--max-streams-per-connection",
-        "MAX_STREAMS_PER_CONNECTION",
-        "max_streams_per_connection",
-        "concurrent calls on one client connection",
-    ),
-    (
-        "--max-connection-idle",
-        "MAX_CONNECTION_IDLE",
-        "max_idle_s",
-        "seconds before an idle connection is closed",
-    ),
-    ("--max-connection-age", "MAX_CONNECTION_AGE", "max_age_s", "seconds before a connection is recycled"),
-    (
-        "--max-connection-age-grace",
-        "MAX_CONNECTION_AGE_GRACE",
-        "max_age_grace_s",
-        "seconds the calls of a recycled connection get to finish",
-    ),
-    ("--keepalive", "KEEPALIVE", "keepalive_s", "seconds between the server's pings on a quiet connection"),
-    (
-        "--keepalive-timeout",
-        "KEEPALIVE_TIMEOUT",
-        "keepalive_timeout_s",
-        "seconds to wait for a ping's answer before dropping the connection",
-    ),
-)
-
-
-def add_connection_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
-    group = parser.add_argument_group("connections")
-    defaults = Connections()
-    for flag, name, attr, what in _CONNECTION_FLAGS:
-        default = getattr(defaults, attr)
-        group.add_argument(
-            flag,
-            dest=f"conn_{attr}",
-            type=type(default),
-            metavar="N" if isinstance(default, int) else "SECONDS",
-            default=type(default)(_env(env, name, str(default))),
-            help=f"{what} [BGREMOVE_{name}]",
-        )
-
-
-def connections_from_args(ns: argparse.Namespace) -> Connections:
-    return Connections(**{attr: getattr(ns, f"conn_{attr}") for _, _, attr, _ in _CONNECTION_FLAGS})
+# --help sections; a flag without one is listed under "options".
+LIMITS = "request limits (reported by GetServiceInfo)"
+ACCESS = "access control (see docs/security.md)"
+CONNECTIONS = "connections"
+BACKEND = "Triton backend"
+EMBEDDED = "embedded Triton (when no --triton-url is given)"
 
 
 def _optional_path(value: str) -> Path | None:
     return Path(value) if value else None
 
 
-def add_security_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
-    group = parser.add_argument_group("access control (see README: Auth and TLS)")
-    for flag, name, what in (
-        ("--tls-cert", "TLS_CERT", "PEM server certificate chain"),
-        ("--tls-key", "TLS_KEY", "PEM private key of --tls-cert"),
-        ("--tls-client-ca", "TLS_CLIENT_CA", "PEM CA: require client certificates it signed (mutual TLS)"),
-        ("--api-keys-file", "API_KEYS_FILE", "JSON file of hashed API keys from `bgremove keys`"),
-    ):
-        group.add_argument(
-            flag,
-            type=_optional_path,
-            default=_optional_path(_env(env, name, "")),
-            metavar="FILE",
-            help=f"{what} [BGREMOVE_{name}]",
-        )
-    group.add_argument(
+def _optional_str(value: str) -> str | None:
+    return value or None
+
+
+# How a value is read from a flag or an environment variable, by the field's type.
+_PARSERS: dict[Any, Callable[[str], Any]] = {
+    int: int,
+    float: float,
+    str: str,
+    Path: Path,
+    Path | None: _optional_path,
+    str | None: _optional_str,
+}
+_METAVARS: dict[Any, str] = {int: "N", float: "SECONDS", Path: "DIR", Path | None: "FILE"}
+_TRUE = frozenset({"1", "true", "yes"})
+_LIST = tuple[str, ...]  # a repeatable flag; its environment variable is comma-separated
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One flag: the settings field it fills, its help, and where --help lists it."""
+
+    name: str  # "--max-pixels"
+    owner: type[Any]  # the dataclass holding the value: Settings, Limits, TritonSettings, ...
+    field: str  # the field there, whose type and default the flag takes
+    help: str
+    group: str | None = None
+    metavar: str | None = None  # default: by type (N, SECONDS, DIR, FILE)
+    dest: str = ""  # the namespace attribute; default: the name's, as argparse makes it
+
+    def __post_init__(self) -> None:
+        if not self.dest:
+            object.__setattr__(self, "dest", self.name.removeprefix("--").replace("-", "_"))
+
+    @property
+    def env(self) -> str:
+        return "BGREMOVE_" + self.name.removeprefix("--").replace("-", "_").upper()
+
+    @property
+    def kind(self) -> Any:
+        return typing.get_type_hints(self.owner)[self.field]
+
+    @property
+    def default(self) -> Any:
+        return next(f.default for f in dataclasses.fields(self.owner) if f.name == self.field)
+
+    def add_to(self, parser: argparse._ActionsContainer, env: Mapping[str, str]) -> None:
+        raw, kind, text = env.get(self.env), self.kind, f"{self.help} [{self.env}]"
+        if kind is bool:
+            default = (raw or "").lower() in _TRUE
+            parser.add_argument(self.name, dest=self.dest, action="store_true", default=default, help=text)
+        elif kind == _LIST:
+            # argparse's append extends a default list in place, so flags would add to the env's
+            # list: the env's value is kept apart and applied only when no flag is given.
+            parser.add_argument(
+                self.name, dest=self.dest, action="append", default=None, metavar=self.metavar, help=text
+            )
+            parser.set_defaults(**{f"{self.dest}_env": tuple(v for v in (raw or "").split(",") if v)})
+        else:
+            parse = _PARSERS[kind]
+            parser.add_argument(
+                self.name,
+                dest=self.dest,
+                type=parse,
+                default=self.default if raw is None else parse(raw),
+                metavar=self.metavar or _METAVARS.get(kind),
+                help=text,
+            )
+
+    def value(self, ns: argparse.Namespace) -> Any:
+        given = getattr(ns, self.dest)
+        if self.kind == _LIST:
+            return tuple(given) if given else getattr(ns, f"{self.dest}_env")
+        return given
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("--listen", Settings, "listen", "gRPC address", metavar="HOST:PORT"),
+    Flag("--default-model", Settings, "default_model", "model for requests that name none", metavar="NAME"),
+    Flag(
+        "--cpu-workers",
+        Settings,
+        "cpu_workers",
+        "threads for decode, resize and encode, and encode processes",
+    ),
+    Flag("--drain-seconds", Settings, "drain_seconds", "seconds calls in flight get to finish on SIGTERM"),
+    Flag("--log-level", Settings, "log_level", "DEBUG, INFO, WARNING or ERROR", metavar="LEVEL"),
+    Flag(
+        "--memory-budget-bytes",
+        Settings,
+        "memory_budget_bytes",
+        "uploads plus decoded images held at once; above it new calls get RESOURCE_EXHAUSTED",
+    ),
+    Flag(
+        "--max-concurrent-streams",
+        Settings,
+        "max_concurrent_streams",
+        "open RemoveBackground/StreamRemoveBackground calls at once",
+    ),
+    Flag("--max-upload-bytes", Limits, "max_upload_bytes", "largest streamed upload", LIMITS),
+    Flag("--max-chunk-bytes", Limits, "max_chunk_bytes", "largest chunk of a streamed upload", LIMITS),
+    Flag("--max-pixels", Limits, "max_pixels", "most pixels (width x height) an image may have", LIMITS),
+    Flag("--max-unary-bytes", Limits, "max_unary_bytes", "largest image RemoveBackground takes", LIMITS),
+    Flag("--idle-timeout", Limits, "idle_timeout_s", "seconds a streamed upload may send nothing", LIMITS),
+    Flag(
+        "--upload-timeout",
+        Limits,
+        "upload_timeout_s",
+        "seconds a whole streamed upload may take, header to half-close",
+        LIMITS,
+    ),
+    Flag("--max-jpeg-scans", Limits, "max_jpeg_scans", "most scans a progressive JPEG may carry", LIMITS),
+    Flag(
+        "--max-jpeg-scan-pixels",
+        Limits,
+        "max_jpeg_scan_pixels",
+        "most JPEG scans x frame pixels (the decode work)",
+        LIMITS,
+    ),
+    Flag(
+        "--max-image-segments", Limits, "max_image_segments", "most JPEG markers or PNG/WebP chunks", LIMITS
+    ),
+    Flag("--max-metadata-bytes", Limits, "max_metadata_bytes", "most metadata an image may carry", LIMITS),
+    Flag(
+        "--result-chunk-bytes",
+        Limits,
+        "result_chunk_bytes",
+        "largest result chunk StreamRemoveBackground sends",
+        LIMITS,
+    ),
+    Flag("--max-output-side", Limits, "max_output_side", "largest options.max_output_side accepted", LIMITS),
+    Flag("--tls-cert", Security, "tls_cert", "PEM server certificate chain", ACCESS),
+    Flag("--tls-key", Security, "tls_key", "PEM private key of --tls-cert", ACCESS),
+    Flag(
+        "--tls-client-ca",
+        Security,
+        "tls_client_ca",
+        "PEM CA: require client certificates it signed (mutual TLS)",
+        ACCESS,
+    ),
+    Flag(
+        "--api-keys-file",
+        Security,
+        "api_keys_file",
+        "JSON file of hashed API keys from `bgremove keys`",
+        ACCESS,
+    ),
+    Flag(
         "--insecure",
-        action="store_true",
-        default=_env(env, "INSECURE", "").lower() in {"1", "true", "yes"},
-        help="allow plaintext, and calls without a key, on a non-loopback address [BGREMOVE_INSECURE]",
-    )
-    group.add_argument(
+        Security,
+        "insecure",
+        "allow plaintext, and calls without a key, on a non-loopback address",
+        ACCESS,
+    ),
+    Flag(
         "--health-listen",
-        default=_env(env, "HEALTH_LISTEN", "") or None,
+        Security,
+        "health_listen",
+        "extra plaintext listener serving only grpc.health.v1 (for probes)",
+        ACCESS,
         metavar="HOST:PORT",
-        help="extra plaintext listener serving only grpc.health.v1 (for probes) [BGREMOVE_HEALTH_LISTEN]",
-    )
+    ),
+    Flag(
+        "--max-streams-per-connection",
+        Connections,
+        "max_streams_per_connection",
+        "concurrent calls on one client connection",
+        CONNECTIONS,
+    ),
+    Flag(
+        "--max-connection-idle",
+        Connections,
+        "max_idle_s",
+        "seconds before an idle connection is closed",
+        CONNECTIONS,
+    ),
+    Flag(
+        "--max-connection-age",
+        Connections,
+        "max_age_s",
+        "seconds before a connection is recycled",
+        CONNECTIONS,
+    ),
+    Flag(
+        "--max-connection-age-grace",
+        Connections,
+        "max_age_grace_s",
+        "seconds the calls of a recycled connection get to finish",
+        CONNECTIONS,
+    ),
+    Flag(
+        "--keepalive",
+        Connections,
+        "keepalive_s",
+        "seconds between the server's pings on a quiet connection",
+        CONNECTIONS,
+    ),
+    Flag(
+        "--keepalive-timeout",
+        Connections,
+        "keepalive_timeout_s",
+        "seconds to wait for a ping's answer before dropping the connection",
+        CONNECTIONS,
+    ),
+    Flag(
+        "--triton-url",
+        TritonSettings,
+        "urls",
+        "external Triton gRPC endpoint (repeatable); none starts an embedded one",
+        BACKEND,
+        metavar="HOST:PORT",
+        dest="triton_urls",
+    ),
+    Flag(
+        "--infer-timeout", TritonSettings, "infer_timeout_s", "seconds one inference call may take", BACKEND
+    ),
+    Flag(
+        "--triton-resolve-interval",
+        TritonSettings,
+        "resolve_interval_s",
+        "seconds between DNS lookups of a --triton-url name",
+        BACKEND,
+    ),
+    Flag(
+        "--triton-admin-key-file",
+        TritonSettings,
+        "admin_key_file",
+        "file with the key an external Triton's restricted APIs want (its "
+        "--grpc-restricted-protocol value); sent on every call",
+        BACKEND,
+    ),
+    Flag("--triton-grpc-port", TritonSettings, "grpc_port", "Triton's gRPC port on 127.0.0.1", EMBEDDED),
+    Flag("--triton-http-port", TritonSettings, "http_port", "Triton's HTTP port on 127.0.0.1", EMBEDDED),
+    Flag(
+        "--triton-metrics-port",
+        TritonSettings,
+        "metrics_port",
+        "Triton's metrics port on 127.0.0.1",
+        EMBEDDED,
+    ),
+    Flag("--model-repository", TritonSettings, "model_repository", "the models Triton serves", EMBEDDED),
+    Flag(
+        "--model-config-name",
+        TritonSettings,
+        "model_config_name",
+        "config under <model>/configs/ that Triton loads: cpu or gpu",
+        EMBEDDED,
+        metavar="NAME",
+    ),
+    Flag(
+        "--triton-startup-timeout",
+        TritonSettings,
+        "startup_timeout_s",
+        "seconds Triton may take to start and load the models",
+        EMBEDDED,
+    ),
+)
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser, flags: Iterable[Flag], env: Mapping[str, str] | None = None
+) -> None:
+    """Adds `flags` to `parser`, each in its --help section, with defaults from `env` (os.environ)."""
+    env = os.environ if env is None else env
+    sections: dict[str, argparse._ArgumentGroup] = {}
+    for flag in flags:
+        where: argparse._ActionsContainer = parser
+        if flag.group is not None:
+            if flag.group not in sections:
+                sections[flag.group] = parser.add_argument_group(flag.group)
+            where = sections[flag.group]
+        flag.add_to(where, env)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
+    """Every flag: `bgremove serve`."""
+    add_arguments(parser, FLAGS, env)
+
+
+def add_triton_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
+    """The flags of the gateway's Triton backend, external or embedded."""
+    add_arguments(parser, [f for f in FLAGS if f.group in (BACKEND, EMBEDDED)], env)
+
+
+def add_embedded_triton_arguments(
+    parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None
+) -> None:
+    """The flags a standalone embedded Triton uses: `bgremove triton`."""
+    add_arguments(parser, [f for f in FLAGS if f.group == EMBEDDED], env)
+
+
+def _from_args(owner: Callable[..., T], ns: argparse.Namespace, **nested: Any) -> T:
+    """`owner` with the fields whose flags `ns` has; the others keep their defaults."""
+    given = {f.field: f.value(ns) for f in FLAGS if f.owner is owner and hasattr(ns, f.dest)}
+    return owner(**given, **nested)
 
 
 def triton_settings_from_args(ns: argparse.Namespace) -> TritonSettings:
-    return TritonSettings(
-        urls=tuple(ns.triton_urls) if ns.triton_urls else ns.triton_urls_env,
-        grpc_port=ns.triton_grpc_port,
-        http_port=ns.triton_http_port,
-        metrics_port=ns.triton_metrics_port,
-        model_repository=ns.model_repository.resolve(),
-        model_config_name=ns.model_config_name,
-        startup_timeout_s=ns.triton_startup_timeout,
-        infer_timeout_s=ns.infer_timeout,
-        admin_key_file=ns.triton_admin_key_file,
-    )
+    triton = _from_args(TritonSettings, ns)
+    return replace(triton, model_repository=triton.model_repository.resolve())
 
 
 def settings_from_args(ns: argparse.Namespace) -> Settings:
-    limits = Limits(
-        max_upload_bytes=ns.max_upload_bytes,
-        max_chunk_bytes=ns.max_chunk_bytes,
-        max_pixels=ns.max_pixels,
-        max_unary_bytes=ns.max_unary_bytes,
-        idle_timeout_s=ns.idle_timeout,
-        upload_timeout_s=ns.upload_timeout,
-        max_jpeg_scans=ns.max_jpeg_scans,
-        max_jpeg_scan_pixels=ns.max_jpeg_scan_pixels,
-        max_image_segments=ns.max_image_segments,
-        max_metadata_bytes=ns.max_metadata_bytes,
-        result_chunk_bytes=ns.result_chunk_bytes,
-        max_output_side=ns.max_output_side,
+    settings = _from_args(
+        Settings,
+        ns,
+        limits=_from_args(Limits, ns),
+        triton=triton_settings_from_args(ns),
+        security=_from_args(Security, ns),
+        connections=_from_args(Connections, ns),
     )
-    return Settings(
-        listen=ns.listen,
-        default_model=ns.default_model,
-        limits=limits,
-        triton=replace(triton_settings_from_args(ns), resolve_interval_s=ns.triton_resolve_interval),
-        cpu_workers=ns.cpu_workers,
-        drain_seconds=ns.drain_seconds,
-        log_level=ns.log_level.upper(),
-        security=Security(
-            tls_cert=ns.tls_cert,
-            tls_key=ns.tls_key,
-            tls_client_ca=ns.tls_client_ca,
-            insecure=ns.insecure,
-            api_keys_file=ns.api_keys_file,
-            health_listen=ns.health_listen,
-        ),
-        memory_budget_bytes=ns.memory_budget_bytes,
-        max_concurrent_streams=ns.max_concurrent_streams,
-        connections=connections_from_args(ns),
-    )
+    return replace(settings, log_level=settings.log_level.upper())

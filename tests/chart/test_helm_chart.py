@@ -158,6 +158,11 @@ def flag_value(args: list[str], flag: str) -> str:
     raise AssertionError(f"{flag} not in {args}")
 
 
+def loaded_models(triton_args: list[str]) -> list[str]:
+    """Triton's --load-model values, in order."""
+    return [a.split("=", 1)[1] for a in triton_args if a.startswith("--load-model=")]
+
+
 @pytest.fixture(scope="module", params=sorted(SCENARIOS))
 def scenario(request: pytest.FixtureRequest, chart: Chart) -> tuple[str, list[Obj], str]:
     name: str = request.param
@@ -363,6 +368,10 @@ def test_grace_periods_outlast_pre_stop_plus_drain(scenario: tuple[str, list[Obj
             },
             "kubelet has no client certificate",
         ),
+        (
+            {"triton": {"models": ["u2netp"]}},
+            "gateway.defaultModel (u2net) must be one of triton.models (u2netp)",
+        ),
     ],
 )
 def test_inconsistent_values_fail_with_a_clear_message(chart: Chart, values: Obj, message: str) -> None:
@@ -472,7 +481,10 @@ def test_gpu_profile_requests_a_gpu_and_tolerates_gpu_nodes(chart: Chart) -> Non
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert flag_value(triton["args"], "--model-config-name") == "gpu"
     assert flag_value(triton["args"], "--model-control-mode") == "explicit"
-    assert flag_value(triton["args"], "--load-model") == "u2netp"
+    # Both models by default, and the full U2-Net (the better mask) for requests that name none.
+    assert loaded_models(triton["args"]) == ["u2net", "u2netp"]
+    gateway = container(one(objects, "Deployment", "gateway"), "gateway")
+    assert flag_value(gateway["args"], "--default-model") == "u2net"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
 
@@ -728,6 +740,17 @@ def test_gateway_flags_are_ones_it_reads(
     assert str(ns.triton_admin_key_file) == flag_value(gw["args"], "--triton-admin-key-file")
     assert ns.listen == flag_value(gw["args"], "--listen")
     assert ns.drain_seconds == float(flag_value(gw["args"], "--drain-seconds"))
+    triton = container(one(objects, "Deployment", "triton"), "triton")
+    assert ns.default_model == flag_value(gw["args"], "--default-model")
+    assert ns.default_model in loaded_models(triton["args"])
+
+
+def test_default_model_is_a_value(chart: Chart, monkeypatch: pytest.MonkeyPatch) -> None:
+    objects, _ = render(chart, {"gateway": {"defaultModel": "u2netp"}, "triton": {"models": ["u2netp"]}})
+    ns, _ = _parse_gateway_command(container(one(objects, "Deployment", "gateway"), "gateway"), monkeypatch)
+    assert ns.default_model == "u2netp"
+    triton = container(one(objects, "Deployment", "triton"), "triton")
+    assert loaded_models(triton["args"]) == ["u2netp"]
 
 
 def test_gateway_environment_is_what_it_reads(chart: Chart, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -792,6 +815,7 @@ def test_notes_explain_how_to_call_the_service(chart: Chart) -> None:
         ({"gateway": {"limits": {"maxUploadBytes": -1}}}, "/gateway/limits/maxUploadBytes"),
         ({"triton": {"profile": "tpu"}}, "/triton/profile"),
         ({"triton": {"models": []}}, "/triton/models"),
+        ({"gateway": {"defaultModel": "../u2net"}}, "/gateway/defaultModel"),
         ({"triton": {"resources": {"requests": {"cpu": "lots"}}}}, "/triton/resources/requests/cpu"),
         ({"modelRepository": {"source": "ftp"}}, "/modelRepository/source"),
         ({"otel": {"endpoint": "otel-collector:4318"}}, "/otel/endpoint"),

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
+import pytest
 from skimage import data as skdata
 
 from bgremove.v1 import bgremove_pb2 as pb
@@ -135,6 +136,8 @@ def _mix(
     ]
 
 
+# Three thousand calls take ~4 minutes alone on two cores; CI machines are shared.
+@pytest.mark.timeout(900)
 async def test_soak_thousands_of_calls_without_growth() -> None:
     gw = GatewayProcess()
     await asyncio.to_thread(gw.start)

@@ -71,21 +71,33 @@ def u2netp_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "u2netp.onnx"
 
 
+def u2net_path() -> Path:
+    """rembg's raw u2net.onnx as `prepare-models` fetched it: checksum-verified, from the cache
+    (downloaded once if the cache is empty)."""
+    from bgremove_gateway.triton.graph import fetch_u2net
+
+    return fetch_u2net()
+
+
 @cache
-def _session() -> ort.InferenceSession:
+def _session(model: Path) -> ort.InferenceSession:
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    return ort.InferenceSession(str(u2netp_path()), opts, providers=["CPUExecutionProvider"])
+    # Two threads keep the full U2-Net's reference at ~1 s an image; the result does not depend on it.
+    opts.intra_op_num_threads = 2
+    return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
 
 
-def reference_mask(image: Image.Image) -> npt.NDArray[np.uint8]:
-    """The U-2-Net/rembg reference: original weights, batch 1, numpy pre- and post-processing."""
+def reference_mask(image: Image.Image, model: Path | None = None) -> npt.NDArray[np.uint8]:
+    """The U-2-Net/rembg reference: original weights (`model`, default U2-Net-P's u2netp.onnx;
+    rembg's u2net session has the same pre- and post-processing), batch 1, numpy pre- and
+    post-processing."""
+    session = _session(model or u2netp_path())
     im = image.convert("RGB").resize((320, 320), Image.Resampling.LANCZOS)
     x = np.asarray(im).astype(np.float32)
     x = x / max(float(x.max()), 1e-6)
     x = (x - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
     tensor = x.transpose(2, 0, 1)[np.newaxis].astype(np.float32)
-    pred = _session().run(None, {_session().get_inputs()[0].name: tensor})[0][:, 0]
+    pred = session.run(None, {session.get_inputs()[0].name: tensor})[0][:, 0]
     pred = (pred - pred.min()) / max(float(pred.max() - pred.min()), 1e-6)
     small = Image.fromarray((pred[0] * 255).astype(np.uint8), mode="L")
     return np.asarray(small.resize(image.size, Image.Resampling.LANCZOS))

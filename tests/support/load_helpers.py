@@ -1,84 +1,45 @@
-"""Async load for the reliability tests: many concurrent calls, each with its exact outcome, and
-what a process holds (RSS, peak RSS, open file descriptors) read from /proc."""
+"""Async load for the reliability tests: many concurrent calls, each with its exact outcome (the
+outcome, the blocking call and the driver are bgremove_gateway.tools.load's, which `bgremove bench`
+uses too), and what a process holds (RSS, peak RSS, open file descriptors) read from /proc."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import os
-import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 import numpy.typing as npt
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from PIL import Image
 
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
+from bgremove_gateway.tools.load import Outcome, drive, stream_remove
 from e2e_helpers import upload_messages
+
+__all__ = [
+    "MASK",
+    "Outcome",
+    "children",
+    "codes",
+    "drive",
+    "open_fds",
+    "peak_rss_bytes",
+    "remove",
+    "reset_peak_rss",
+    "rss_bytes",
+    "small_jpeg",
+]
 
 MASK = pb.Options(format=pb.OUTPUT_FORMAT_MASK)
 
-
-@dataclass(frozen=True)
-class Outcome:
-    code: grpc.StatusCode
-    details: str
-    retry_after_s: float | None
-    header: pb.ResultHeader | None
-    body: bytes
-    latency_s: float
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.code == grpc.StatusCode.OK)
-
-    def mask(self) -> npt.NDArray[np.uint8]:
-        return np.asarray(Image.open(io.BytesIO(self.body)))
-
-
-def _retry_after(exc: grpc.RpcError) -> float | None:
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    for detail in status.details if status is not None else []:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return float(info.retry_delay.ToNanoseconds() / 1e9)
-    return None
-
-
-# Blocking gRPC on threads, not grpc.aio: when the server refuses a stream before the client has
-# sent all of it (overload, not ready), grpc.aio can report INTERNAL "Internal error from Core"
-# in place of the server's status (grpc/grpc#36066); these tests assert the exact status.
+# Streamed calls run on blocking stubs in these threads, not on grpc.aio (see tools/load.py): these
+# tests assert the exact status.
 _THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="load")
-
-
-def _remove_blocking(
-    stub: pb_grpc.BackgroundRemovalStub,
-    messages: Iterator[pb.UploadRequest],
-    timeout: float,
-) -> Outcome:
-    started = time.monotonic()
-    header: pb.ResultHeader | None = None
-    parts: list[bytes] = []
-    try:
-        for msg in stub.StreamRemoveBackground(messages, timeout=timeout):
-            if msg.HasField("header"):
-                header = msg.header
-            else:
-                parts.append(msg.chunk)
-    except grpc.RpcError as exc:
-        code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
-        details: str = exc.details() or ""  # type: ignore[attr-defined]
-        return Outcome(code, details, _retry_after(exc), None, b"", time.monotonic() - started)
-    return Outcome(grpc.StatusCode.OK, "", None, header, b"".join(parts), time.monotonic() - started)
 
 
 async def remove(
@@ -92,21 +53,7 @@ async def remove(
     """One StreamRemoveBackground on a blocking stub (grpc.insecure_channel), run on a thread;
     never raises for a gRPC status, returns it."""
     upload = messages if messages is not None else upload_messages(data, "image/jpeg", options)
-    return await asyncio.get_running_loop().run_in_executor(_THREADS, _remove_blocking, stub, upload, timeout)
-
-
-async def drive(requests: int, concurrency: int, call: Callable[[int], Awaitable[Outcome]]) -> list[Outcome]:
-    """`requests` calls, `concurrency` at a time; outcomes in request order."""
-    results: list[Outcome | None] = [None] * requests
-    indices = iter(range(requests))
-
-    async def worker() -> None:
-        for i in indices:
-            results[i] = await call(i)
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    assert all(r is not None for r in results)
-    return [r for r in results if r is not None]
+    return await asyncio.get_running_loop().run_in_executor(_THREADS, stream_remove, stub, upload, timeout)
 
 
 def codes(outcomes: list[Outcome]) -> Counter[str]:

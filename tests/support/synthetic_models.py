@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from bgremove_gateway.triton.graph import MODEL_INPUT_SIZE
+from bgremove_gateway.pipeline.contract import MODEL_INPUT_SIZE
 
 SIZE = MODEL_INPUT_SIZE
 

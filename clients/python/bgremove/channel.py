@@ -16,7 +16,7 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 MiB = 1024 * 1024
 
 try:
-    __version__ = metadata.version("bgremove")
+    __version__ = metadata.version("bgremove-client")
 except metadata.PackageNotFoundError:  # a source checkout that was never installed
     __version__ = "0+unknown"
 

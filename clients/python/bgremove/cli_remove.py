@@ -8,6 +8,11 @@ a.jpg), the first in input order gets <stem>.<ext> and later ones <stem>-2.<ext>
 a name that is one of the inputs is never used, so writing into the input folder cannot overwrite a
 photo. Existing outputs are replaced, so a re-run is idempotent.
 
+The format is --format; else jpeg with --bg-color; else, for a single output file, the one its
+extension names (.png, .webp, .jpg/.jpeg; a mask needs --format mask); else png. A single output
+file whose extension is unknown or disagrees with the format is a usage error, found before any
+image is sent.
+
 Exit status: 0 when every image succeeded, 1 when any failed (one line per failure on stderr:
 `<path>: <STATUS>: <message>`) or the server cannot be reached (one line), 2 for usage errors.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 import warnings
@@ -78,8 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         choices=FORMATS,
         default=None,
-        help="png or webp cut-out, mask (alpha matte PNG), jpeg on --bg-color; default: from OUT's "
-        "extension for a single file, jpeg with --bg-color, else png",
+        help="png or webp cut-out, mask (alpha matte PNG), jpeg on --bg-color; default: jpeg with "
+        "--bg-color, else OUT's extension for a single file (.png, .webp, .jpg, .jpeg), else png",
     )
     parser.add_argument(
         "--bg-color", type=_color, default=None, metavar="COLOR", help="'#rrggbb' or a name (jpeg only)"
@@ -124,7 +130,8 @@ def run(ns: argparse.Namespace) -> int:
     except UsageError as error:
         print(f"{PROG}: error: {_one_line(str(error))}", file=sys.stderr)
         return 2
-    provider = configure_tracing("bgremove-cli")
+    _tracing_warnings_to_stderr()
+    provider = configure_tracing("bgremove-cli", short_lived=True)
     try:
         return asyncio.run(
             _remove_all(
@@ -140,6 +147,21 @@ def run(ns: argparse.Namespace) -> int:
         return 130
     finally:
         shutdown_tracing(provider)
+
+
+class _StderrWarning(logging.Handler):
+    """Tracing's warnings (no SDK, a collector that did not answer) as this command's own lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # sys.stderr as it is now, not when the handler was made: tests and callers may swap it.
+        print(f"{PROG}: warning: {_one_line(record.getMessage())}", file=sys.stderr)
+
+
+def _tracing_warnings_to_stderr() -> None:
+    logger = logging.getLogger("bgremove.tracing")
+    if not any(isinstance(h, _StderrWarning) for h in logger.handlers):
+        logger.addHandler(_StderrWarning(logging.WARNING))
+    logger.propagate = False
 
 
 def plan_jobs(inputs: Sequence[Path], output: Path, extension: str) -> list[Job]:
@@ -194,14 +216,7 @@ def _expand(inputs: Sequence[Path]) -> list[Path]:
 
 
 def _options(ns: argparse.Namespace) -> RemoveOptions:
-    fmt: OutputFormatName | None = ns.format
-    if fmt is None:
-        if ns.bg_color is not None:
-            fmt = "jpeg"
-        elif _single_output(ns.inputs, ns.output):
-            fmt = _SUFFIX_FORMATS.get(ns.output.suffix.lower(), "png")
-        else:
-            fmt = "png"
+    fmt = _output_format(ns)
     if ns.crop_margin and not ns.crop:
         raise UsageError("--crop-margin needs --crop")
     try:
@@ -215,6 +230,35 @@ def _options(ns: argparse.Namespace) -> RemoveOptions:
         )
     except ValueError as error:
         raise UsageError(str(error).replace("bg_color", "--bg-color")) from None
+
+
+def _output_format(ns: argparse.Namespace) -> OutputFormatName:
+    """--format; else jpeg for --bg-color; else, for a single output file, its extension's format.
+
+    A single output file's extension must agree with the format, so the bytes written are what the
+    name says: -o cut.jpg --format png, or -o out.bmp, is refused instead of silently written as PNG."""
+    fmt: OutputFormatName | None = ns.format
+    chosen_by = f"--format {fmt}"
+    # Only the JPEG result has a background, so --bg-color chooses it as --format jpeg would.
+    if fmt is None and ns.bg_color is not None:
+        fmt, chosen_by = "jpeg", "--bg-color (a JPEG result)"
+    if not _single_output(ns.inputs, ns.output):
+        return fmt or "png"
+    out: Path = ns.output
+    suffix = out.suffix.lower()
+    if fmt is None:
+        if suffix not in _SUFFIX_FORMATS:
+            what = f"{suffix} is not a format bgremove writes" if suffix else "it has no extension"
+            raise UsageError(
+                f"cannot tell the output format from -o {out}: {what}; name it .png, .webp, .jpg or "
+                ".jpeg, or give --format"
+            )
+        return _SUFFIX_FORMATS[suffix]
+    # A mask is a PNG file.
+    wanted = [s for s, f in _SUFFIX_FORMATS.items() if f == ("png" if fmt == "mask" else fmt)]
+    if suffix and suffix not in wanted:
+        raise UsageError(f"-o {out} does not match {chosen_by}: name it {' or '.join(wanted)}")
+    return fmt
 
 
 def _client_factory(ns: argparse.Namespace) -> Callable[[], AsyncClient]:
@@ -290,7 +334,7 @@ async def _remove_all(
                 if _is_unreachable(client, error):
                     unreachable = unreachable or error
                     return
-                report(f"{job.source}: {error.code.name}: {error.message}")
+                report(f"{job.source}: {error.code.name}: {error.message_for_cli()}")
                 continue
             except OSError as error:
                 report(f"{job.source}: IO_ERROR: cannot read it: {error.strerror or error}")
@@ -310,7 +354,7 @@ async def _remove_all(
             bar.close()
     if unreachable is not None:
         print(
-            _one_line(f"{PROG}: cannot reach the server at {target}: {unreachable.message}"),
+            _one_line(f"{PROG}: cannot reach the server at {target}: {unreachable.message_for_cli()}"),
             file=err,
         )
         return 1

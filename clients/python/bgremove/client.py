@@ -20,7 +20,7 @@ from bgremove.channel import (
     plaintext_key_warning,
     warn_outside,
 )
-from bgremove.errors import BgRemoveError
+from bgremove.errors import BgRemoveError, Transport
 from bgremove.options import RemoveOptions
 from bgremove.result import RemovalResult, ResultAssembler
 from bgremove.spans import CallTrace, client_span, get_tracer
@@ -61,6 +61,10 @@ class _Base:
             private_key=private_key,
         )
         self._channel_options = channel_options(options)
+        # What a failed connection's message is explained against (BgRemoveError.hint).
+        self._transport = Transport(
+            tls=self._credentials is not None, client_certificate=certificate_chain is not None
+        )
         # Once per client, when it is made: a warning per call would drown the caller's output.
         text = plaintext_key_warning(
             target,
@@ -85,6 +89,9 @@ class _Base:
         options: RemoveOptions | None,
         content_type: str | None,
     ) -> Upload:
+        if not len(data):
+            # Said here: the server would name header.total_size, a field the caller never set.
+            raise BgRemoveError(grpc.StatusCode.INVALID_ARGUMENT, "the image is empty (0 bytes)")
         return Upload(
             data, options or RemoveOptions(), content_type=content_type, chunk_size=self._chunk_size
         )
@@ -93,7 +100,8 @@ class _Base:
     def _request_attributes(upload: Upload) -> dict[str, str | int]:
         return {
             "bgremove.upload.size": upload.size,
-            "bgremove.upload.content_type": upload.content_type,
+            # Not the type declared only so that the server names data of an unknown kind.
+            "bgremove.upload.content_type": upload.known_type,
             "bgremove.output.format": upload.options.format,
         }
 
@@ -155,8 +163,9 @@ class Client(_Base):
     ) -> RemovalResult:
         """Removes the background of image (bytes, or a path read into memory).
 
-        content_type overrides the type sniffed from the magic bytes. Raises BgRemoveError with the
-        server's status code, message and details; ValueError for options that cannot be valid.
+        content_type overrides the type sniffed from the magic bytes (data of no supported type is
+        sent for the server to sniff, so its error says what the data is). Raises BgRemoveError with
+        the server's status code, message and details; ValueError for options that cannot be valid.
         """
         upload = self._upload(load_image(image), options, content_type)
         with client_span(self._tracer, "StreamRemoveBackground", self._request_attributes(upload)) as call:
@@ -175,7 +184,7 @@ class Client(_Base):
                     raise
                 result = assembler.result()
             except grpc.RpcError as error:
-                raise BgRemoveError.from_rpc_error(error) from error
+                raise BgRemoveError.from_rpc_error(error, self._transport) from error
             self._record_result(call, result)
             return result
 
@@ -188,7 +197,7 @@ class Client(_Base):
                     metadata=call_metadata(self._api_key, call.carrier),
                 )
             except grpc.RpcError as error:
-                raise BgRemoveError.from_rpc_error(error) from error
+                raise BgRemoveError.from_rpc_error(error, self._transport) from error
             return info
 
     def close(self) -> None:
@@ -273,7 +282,7 @@ class AsyncClient(_Base):
                     raise
                 result = assembler.result()
             except grpc.RpcError as error:
-                raise BgRemoveError.from_rpc_error(error) from error
+                raise BgRemoveError.from_rpc_error(error, self._transport) from error
             self._record_result(call, result)
             return result
 
@@ -286,7 +295,7 @@ class AsyncClient(_Base):
                     metadata=call_metadata(self._api_key, call.carrier),
                 )
             except grpc.RpcError as error:
-                raise BgRemoveError.from_rpc_error(error) from error
+                raise BgRemoveError.from_rpc_error(error, self._transport) from error
             return info
 
     def connectivity(self) -> grpc.ChannelConnectivity:

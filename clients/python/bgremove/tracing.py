@@ -3,31 +3,41 @@
 Tracing is on when an OTLP endpoint is configured and neither OTEL_SDK_DISABLED nor
 OTEL_TRACES_EXPORTER=none turns it off. Spans go over OTLP/HTTP (protobuf), the one protocol the
 gateway, the CLI and Triton's own exporter all speak, so one collector address serves all three.
+
+Exporting needs the OpenTelemetry SDK and OTLP exporter, which bgremove-client installs only with its
+`tracing` extra (the server always has them); without them configure_tracing warns once and tracing
+stays off. Importing this module imports neither.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
-from opentelemetry.environment_variables import OTEL_TRACES_EXPORTER
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.environment_variables import (
-    OTEL_EXPORTER_OTLP_ENDPOINT,
-    OTEL_EXPORTER_OTLP_PROTOCOL,
-    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
-    OTEL_EXPORTER_OTLP_TRACES_PROTOCOL,
-    OTEL_SDK_DISABLED,
-)
-from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from bgremove._otlp import ShortLivedExporter
 
 log = logging.getLogger(__name__)
 
+# The variables' names, spelled out so that reading them needs no SDK.
+OTEL_SDK_DISABLED = "OTEL_SDK_DISABLED"
+OTEL_TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"
+OTEL_EXPORTER_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
+OTEL_EXPORTER_OTLP_TRACES_ENDPOINT = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+OTEL_EXPORTER_OTLP_PROTOCOL = "OTEL_EXPORTER_OTLP_PROTOCOL"
+OTEL_EXPORTER_OTLP_TRACES_PROTOCOL = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+
 _FLUSH_TIMEOUT_MS = 5_000
+# The exporter's own warning on every failed attempt; a short-lived process says it once instead.
+_EXPORTER_LOGGER = "opentelemetry.exporter.otlp"
+_short_lived: weakref.WeakKeyDictionary[TracerProvider, ShortLivedExporter] = weakref.WeakKeyDictionary()
 
 
 def otlp_traces_url(env: Mapping[str, str] | None = None) -> str | None:
@@ -46,15 +56,31 @@ def otlp_traces_url(env: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
-def configure_tracing(service_name: str, *, set_global: bool = True) -> TracerProvider | None:
+def configure_tracing(
+    service_name: str, *, set_global: bool = True, short_lived: bool = False
+) -> TracerProvider | None:
     """An SDK TracerProvider exporting to otlp_traces_url() in batches, or None when tracing is off.
 
     service_name is the default service.name: OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win.
     With set_global (the default) the provider becomes the process-wide one that the OpenTelemetry
     API hands out; when None is returned the API stays a no-op.
+
+    short_lived is for a command that exits once its work is done (the CLI): each export gives up
+    after about a second, and instead of the exporter's log lines on every failed attempt,
+    shutdown_tracing logs one warning that says how many spans were lost and why.
     """
     url = otlp_traces_url()
     if url is None:
+        return None
+    try:
+        from bgremove._otlp import make_provider
+    except ImportError as error:
+        log.warning(
+            "tracing: spans are not exported to %s: the OpenTelemetry SDK is not installed (no module "
+            "%r); pip install 'bgremove-client[tracing]'",
+            url,
+            error.name,
+        )
         return None
     protocol = os.environ.get(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL) or os.environ.get(
         OTEL_EXPORTER_OTLP_PROTOCOL
@@ -63,22 +89,29 @@ def configure_tracing(service_name: str, *, set_global: bool = True) -> TracerPr
         log.warning(
             "OTLP protocol %r is not supported; exporting spans with http/protobuf to %s", protocol, url
         )
-    # Resource.create lets its argument override the environment; detecting the environment again
-    # and merging it last restores the documented precedence of OTEL_SERVICE_NAME over our default.
-    resource = Resource.create({SERVICE_NAME: service_name}).merge(OTELResourceDetector().detect())
-    provider = TracerProvider(resource=resource)
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=url)))
+    provider, exporter = make_provider(service_name, url, short_lived=short_lived)
+    if exporter is not None:
+        _short_lived[provider] = exporter
+        logging.getLogger(_EXPORTER_LOGGER).setLevel(logging.CRITICAL)
     if set_global:
         trace.set_tracer_provider(provider)
     return provider
 
 
 def shutdown_tracing(provider: TracerProvider | None) -> None:
-    """Exports the spans still queued, then stops the provider; a no-op for None."""
+    """Exports the spans still queued, then stops the provider; a no-op for None.
+
+    For a short_lived provider an export that has failed is not retried on the way out: the
+    spans still queued are dropped, and one warning says how many were lost and why."""
     if provider is None:
         return
+    exporter = _short_lived.pop(provider, None)
+    if exporter is not None:
+        exporter.closing = True
     provider.force_flush(_FLUSH_TIMEOUT_MS)
     provider.shutdown()
+    if exporter is not None and (line := exporter.summary()) is not None:
+        log.warning("%s", line)
 
 
 def _enabled(env: Mapping[str, str]) -> bool:

@@ -13,6 +13,12 @@ from bgremove.v1 import bgremove_pb2 as pb
 ImageSource = bytes | bytearray | memoryview | str | os.PathLike[str]
 
 OCTET_STREAM = "application/octet-stream"
+# Declared for data sniff_content_type does not recognise. The server refuses an unsupported
+# declared type at the header, naming header.content_type, a field the caller never set; declared
+# as a supported type, the upload reaches the server's own sniffing of the bytes, which says what
+# they are ("image/gif images are not supported", "data is not an image"). It can never be taken
+# for the data's real type: the server's sniffer already found that it is not one of its types.
+LET_THE_SERVER_SNIFF = "image/png"
 
 
 def load_image(image: ImageSource) -> bytes | bytearray | memoryview:
@@ -23,8 +29,7 @@ def load_image(image: ImageSource) -> bytes | bytearray | memoryview:
 
 
 def sniff_content_type(data: bytes | bytearray | memoryview) -> str:
-    """The media type the magic bytes announce; unknown data is sent as application/octet-stream
-    so the server, which owns the list of accepted types, refuses it with a precise message."""
+    """The supported media type the magic bytes announce, else application/octet-stream."""
     head = bytes(data[:12])
     if head.startswith(b"\xff\xd8\xff"):
         return "image/jpeg"
@@ -33,6 +38,12 @@ def sniff_content_type(data: bytes | bytearray | memoryview) -> str:
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "image/webp"
     return OCTET_STREAM
+
+
+def declared_content_type(data: bytes | bytearray | memoryview) -> str:
+    """The content type to declare for data: its own when supported, else LET_THE_SERVER_SNIFF."""
+    sniffed = sniff_content_type(data)
+    return LET_THE_SERVER_SNIFF if sniffed == OCTET_STREAM else sniffed
 
 
 class Upload:
@@ -50,7 +61,10 @@ class Upload:
             raise ValueError(f"chunk_size must be at least 1 byte, got {chunk_size}")
         self._view = memoryview(data).cast("B")
         self.chunk_size = chunk_size
-        self.content_type = content_type or sniff_content_type(self._view)
+        # The caller's type, else what the bytes are as far as this client can tell (octet-stream:
+        # none of the supported types); the header declares it, or LET_THE_SERVER_SNIFF for the latter.
+        self.known_type = content_type or sniff_content_type(self._view)
+        self.content_type = content_type or declared_content_type(self._view)
         self.options = options
         self._digest: bytes | None = None
 

@@ -188,4 +188,7 @@ a PodDisruptionBudget that blocks every node drain or a grace period that kills 
 {{- if and $g.tls.enabled (eq $g.tls.probe "healthPort") (eq (int $g.tls.healthPort) (int $g.port)) }}
 {{- fail "gateway.tls.healthPort must differ from gateway.port" }}
 {{- end }}
+{{- if not (has $g.defaultModel $t.models) }}
+{{- fail (printf "gateway.defaultModel (%s) must be one of triton.models (%s), or every request that names no model fails" $g.defaultModel (join ", " $t.models)) }}
+{{- end }}
 {{- end }}

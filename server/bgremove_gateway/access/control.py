@@ -21,23 +21,24 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
-from grpc_status import rpc_status
 
 from bgremove_gateway.access.keys import KeyFileError, KeyLimits, KeyRecord, PresentedKey, read_keys
 from bgremove_gateway.access.limits import GuessLimiter, PerKeyLimiter, SlowPath, peer_host
 from bgremove_gateway.access.log import Access, caller, short_method
-from bgremove_gateway.errors import ServiceError
-from bgremove_gateway.service.calls import closed_with_call, closing
+from bgremove_gateway.errors import (
+    MAX_REFUSAL_PAUSE_S,
+    MIN_RETRY_AFTER_S,
+    REFUSAL_PAUSE_S,
+    ServiceError,
+    abort,
+)
+from bgremove_gateway.service.calls import closed_with_call, closing, serializers
 from bgremove_gateway.service.readout import read_out
 
 log = logging.getLogger("bgremove.auth")
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 RELOAD_INTERVAL_S = 5.0
-# How long a refused call waits before its answer (see AccessControl._refuse).
-REFUSAL_PAUSE_S = 0.5
-MAX_REFUSAL_PAUSE_S = 1.0
-MIN_RETRY_S = 0.05
 
 
 def unauthenticated(message: str) -> ServiceError:
@@ -161,12 +162,6 @@ class Policy:
     require_auth: bool  # non-loopback without --insecure: no key and no certificate, no call
 
 
-async def _abort(context: grpc.aio.ServicerContext, err: ServiceError) -> NoReturn:
-    status = rpc_status.to_status(err.to_rpc_status())
-    await context.abort(status.code, status.details, status.trailing_metadata)
-    raise AssertionError("unreachable: abort raises")
-
-
 def _certificate_name(context: grpc.aio.ServicerContext) -> str | None:
     names = context.auth_context().get("x509_common_name") or []
     return f"cn={names[0].decode(errors='replace')}" if names else None
@@ -241,10 +236,10 @@ class AccessControl(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             await read_out(requests, max_s=pause)
         await asyncio.sleep(max(0.0, started + pause - time.perf_counter()))
         if err.retry_after_s:
-            err = dataclasses.replace(err, retry_after_s=max(MIN_RETRY_S, err.retry_after_s - pause))
+            err = dataclasses.replace(err, retry_after_s=max(MIN_RETRY_AFTER_S, err.retry_after_s - pause))
         # The servicer never sees this call, so its one access line is written here.
         Access(short_method(method), context, started, code=err.code, key=key_id).done()
-        await _abort(context, err)
+        await abort(context, err)
 
     async def intercept_service(
         self,
@@ -266,10 +261,7 @@ Guard = Callable[
 
 def _wrap(handler: grpc.RpcMethodHandler, guard: Guard) -> grpc.RpcMethodHandler:
     """The same handler with `guard` around each call, for all four RPC shapes."""
-    kw = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+    kw = serializers(handler)
     if handler.unary_unary is not None:
         unary_unary = handler.unary_unary
 

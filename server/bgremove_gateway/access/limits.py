@@ -26,10 +26,7 @@ from typing import TypeVar
 import grpc
 
 from bgremove_gateway.access.keys import KeyLimits
-from bgremove_gateway.errors import ServiceError
-
-# A stream slot frees when one of the key's calls ends: about one inference on a busy CPU replica.
-STREAM_RETRY_S = 0.5
+from bgremove_gateway.errors import KEY_STREAMS_RETRY_AFTER_S, RETRY_SPREAD, ServiceError
 
 # Failed key checks allowed per key id and per caller address: a burst, then a steady rate. Secrets
 # are 256 random bits, so these limits are not what keeps them safe: they bound the scrypt work
@@ -47,10 +44,6 @@ QUIET_S = 10.0
 MAX_TRACKED = 10_000
 # Scrypt checks that may wait, per lane, behind the one running: at most 2 * 8 * 50 ms of backlog.
 SLOW_PATH_WAITING = 8
-# RetryInfo of these refusals is the wait times a random 1 to 1 + this: callers refused together
-# (a guesser's hundreds of calls) then come back spread out, not in one burst that stalls the event
-# loop for everyone (measured: calls stalled up to 450 ms under a 300-call flood, 35-110 ms spread).
-RETRY_SPREAD = 1.0
 
 T = TypeVar("T")
 
@@ -140,7 +133,7 @@ class PerKeyLimiter:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"API key {key_id} already has {state.in_flight} calls in flight, its limit is "
                 f"{limits.max_streams}; retry when one finishes",
-                retry_after_s=STREAM_RETRY_S,
+                retry_after_s=KEY_STREAMS_RETRY_AFTER_S,
             )
         if state.bucket is not None:
             wait = state.bucket.take()

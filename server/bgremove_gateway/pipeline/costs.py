@@ -7,7 +7,7 @@ every APPn in `applist`), header tables Pillow parses in Python, PNG text and IC
 Pillow inflates to 1 MiB each, WebP files of countless chunks (libwebp's demuxer records each).
 The scan walks each format the way the code that will parse it does: Pillow's Python loop for
 JPEG headers and PNG chunks, libjpeg for the JPEG scans, libwebp's demuxer for the RIFF chunks.
-A 1 MP photo takes it about 0.2 ms; its cost to the worst input the limits allow is in README.
+A 1 MP photo takes it about 0.2 ms; its cost to the worst input the limits allow is in docs/api.md.
 
 It only reads: damage simply ends the scan, and decode() then reports the image as corrupt. Over a
 limit it raises INVALID_ARGUMENT naming the count and the limit; it never raises anything else.
@@ -15,7 +15,6 @@ limit it raises INVALID_ARGUMENT naming the count and the limit; it never raises
 
 from __future__ import annotations
 
-import mmap
 import re
 import struct
 import zlib
@@ -24,8 +23,7 @@ from typing import Final
 
 from bgremove_gateway.config import Limits
 from bgremove_gateway.errors import ServiceError, invalid
-
-BufferLike = bytes | bytearray | memoryview | mmap.mmap
+from bgremove_gateway.pipeline.buffers import BufferLike
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,9 @@ sees untrusted bytes. Everything else Pillow knows is named (from its signature)
 
 from __future__ import annotations
 
-import io
-import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Final, cast
+from typing import IO, Final, cast
 
 import grpc
 import numpy as np
@@ -20,13 +18,13 @@ from bgremove.upload import OCTET_STREAM
 from bgremove.upload import sniff_content_type as sniff_supported
 from bgremove_gateway.config import Limits
 from bgremove_gateway.errors import ServiceError, invalid, too_large
+from bgremove_gateway.pipeline.buffers import BufferLike, BufferReader
 from bgremove_gateway.pipeline.costs import inspect_cost
 from bgremove_gateway.pipeline.image_size import declared_size
 
-if TYPE_CHECKING:
-    from _typeshed import WriteableBuffer
-
 SUPPORTED_CONTENT_TYPES: tuple[str, ...] = ("image/jpeg", "image/png", "image/webp")
+# For the messages that refuse anything else.
+SUPPORTED_LIST: Final = ", ".join(SUPPORTED_CONTENT_TYPES)
 
 # Decoding with the plugin class directly, rather than Image.open(), skips Pillow's process-wide
 # MAX_IMAGE_PIXELS check: limits.max_pixels is enforced here instead, per call, so the global is
@@ -43,8 +41,8 @@ _SIXTEEN_BIT_MODES: Final = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 # EXIF orientation -> the transposition that shows the photo upright (the table
 # ImageOps.exif_transpose uses). Not exif_transpose itself: it also rewrites the EXIF and XMP that
-# decode() drops anyway, and raises on EXIF it cannot re-serialise (7 of 3000 mutated EXIF blocks
-# here), which would refuse photos that viewers show fine.
+# decode() drops anyway, and raises on EXIF it cannot re-serialise, which would refuse photos that
+# viewers show fine (docs/decisions/code-decode.md).
 _UPRIGHT: Final = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
@@ -58,54 +56,11 @@ _UPRIGHT: Final = {
 # Registers every plugin now, once, rather than lazily from several worker threads at a time.
 Image.init()
 
-BufferLike = bytes | bytearray | memoryview | mmap.mmap
-
 
 @dataclass(frozen=True)
 class DecodedImage:
     image: Image.Image  # "RGB" or "RGBA", 8-bit, EXIF orientation applied, info empty
     source_format: str  # "JPEG" | "PNG" | "WEBP"
-
-
-class _BufferReader(io.RawIOBase):
-    """A read-only file over any buffer without copying it (io.BytesIO copies all but bytes)."""
-
-    def __init__(self, data: BufferLike) -> None:
-        super().__init__()
-        self._view = memoryview(data).cast("B")
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: WriteableBuffer) -> int:
-        with memoryview(buffer) as target, target.cast("B") as out:
-            chunk = self._view[self._pos : self._pos + len(out)]
-            size = len(chunk)
-            out[:size] = chunk
-        self._pos += size
-        return size
-
-    def read(self, size: int | None = -1) -> bytes:
-        end = len(self._view) if size is None or size < 0 else self._pos + size
-        chunk = bytes(self._view[self._pos : end])
-        self._pos += len(chunk)
-        return chunk
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def close(self) -> None:
-        self._view.release()
-        super().close()
 
 
 def sniff_content_type(data: BufferLike) -> str | None:
@@ -133,18 +88,15 @@ def normalise_content_type(value: str) -> str:
     return _CONTENT_TYPE_ALIASES.get(media_type, media_type)
 
 
-def _supported() -> str:
-    return ", ".join(SUPPORTED_CONTENT_TYPES)
-
-
 def _check_type(data: BufferLike, declared: str) -> str:
     sniffed = sniff_content_type(data)
     if sniffed is None:
         raise invalid(
-            "image", f"data is not an image: its first bytes match none of the supported types {_supported()}"
+            "image",
+            f"data is not an image: its first bytes match none of the supported types {SUPPORTED_LIST}",
         )
     if sniffed not in SUPPORTED_CONTENT_TYPES:
-        raise invalid("image", f"{sniffed} images are not supported; supported: {_supported()}")
+        raise invalid("image", f"{sniffed} images are not supported; supported: {SUPPORTED_LIST}")
     if declared != sniffed:
         raise invalid("content_type", f"content_type is {declared} but the data is {sniffed}")
     return sniffed
@@ -173,8 +125,7 @@ def _oriented(source: ImageFile.ImageFile) -> Image.Image:
     """The decoded pixels as a plain image detached from the file, turned upright per EXIF.
 
     An upright photo keeps the decoder's own pixel memory (source.copy() would duplicate it: a
-    full image's worth of memory and 0.2-5 ms at 1 MP, depending on whether the allocator has the
-    pages ready); only the file object and its metadata are left behind."""
+    full image's worth of memory and time); only the file object and its metadata are left behind."""
     method = _UPRIGHT.get(source.getexif().get(ExifTags.Base.Orientation, 1))
     return source._new(source.im) if method is None else source.transpose(method)
 
@@ -209,7 +160,7 @@ def decode(
             f"image declares {declared[0]}x{declared[1]} pixels: width and height must be at least 1",
         )
     try:
-        with _BufferReader(data) as reader:
+        with BufferReader(data) as reader:
             try:
                 source = _PLUGINS[content_type](cast(IO[bytes], reader))
             except Exception as exc:

@@ -18,12 +18,18 @@ from PIL import Image
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove_gateway.pipeline.postprocess import Cutout
 
-# Speed settings measured on ~1 MP cut-outs here (2 cores), against ~165 ms for the model itself:
-#   RGBA PNG with fpng (SIMD deflate made for speed): 4.7 ms, 973 kB, against Pillow's
-#   compress_level 1: 60 ms, 801 kB | 6 (default): 86 ms, 533 kB | 9: 222 ms, 530 kB (benchmarks/steps.py).
-#   fpng is 10-13x faster for ~20% more bytes; it writes only 24/32-bit PNG, so the greyscale MASK
-#   keeps Pillow at level 1 (a quarter of the pixels' bytes, ~10 ms).
-#   WebP lossless method 0/quality 0: 18 ms, 377 kB | defaults (method 4, quality 80): ~200 ms, 330 kB.
+# The output formats by the names `--format` takes (bgremove.options, which the client keeps apart
+# from the server, uses the same), in the order GetServiceInfo lists them.
+OUTPUT_FORMATS: Final[dict[str, pb.OutputFormat]] = {
+    "png": pb.OUTPUT_FORMAT_PNG,
+    "webp": pb.OUTPUT_FORMAT_WEBP,
+    "mask": pb.OUTPUT_FORMAT_MASK,
+    "jpeg": pb.OUTPUT_FORMAT_JPEG,
+}
+
+# Fastest settings for a few more bytes: RGBA PNG goes to fpng (10x faster than Pillow's fastest
+# level), the greyscale MASK, which fpng cannot write, to Pillow at level 1, lossless WebP at
+# method 0 (docs/decisions/code-encoding.md).
 _PNG_OPTIONS: Final[dict[str, Any]] = {"compress_level": 1}
 _WEBP_OPTIONS: Final[dict[str, Any]] = {"lossless": True, "method": 0, "quality": 0}
 _JPEG_OPTIONS: Final[dict[str, Any]] = {"quality": 90}

@@ -1,12 +1,10 @@
 """Large PNG and WebP encodes in worker processes, so they never hold the gateway's GIL.
 
 fpng and Pillow's WebP encoder keep the GIL for their whole run. From a worker thread that still
-stops the event loop and every other thread: measured here on a 12 MP cut-out, the loop went 172 ms
-without running (fpng) and 76 ms (lossless WebP), against 7 ms for Pillow's own PNG encoder, which
-lets go of the GIL but takes 745 ms. Above MIN_PIXELS the pixels therefore go to a small process
-pool; the parent only copies them, in bands, into shared memory (the loop's longest pause during a
-12 MP request: under 10 ms; the encode 172 -> 191 ms). Smaller images stay in-process: a 1 MP fpng
-encode holds the GIL about 5 ms, less than the handoff would cost.
+stops the event loop and every other thread for as long as the encode takes. Above MIN_PIXELS the
+pixels therefore go to a small process pool; the parent only copies them, in bands, into shared
+memory. Smaller images stay in-process: their encode holds the GIL for less time than the handoff
+would cost. The figures behind this are in docs/decisions/code-encoding.md.
 
 The workers start with the gateway (never in the middle of serving). Pixels and file pass through
 shared-memory blocks (in /dev/shm, which is memory) that the parent unlinks as soon as it has read
@@ -146,8 +144,8 @@ class EncodePool:
         image = cutout.image
         width, height = image.size
         row_bytes = width * len(image.mode)
-        # Shared memory (/dev/shm: memory, not disk) rather than the pool's pipe: pickling 48 MB
-        # of pixels through a pipe took ~200 ms here, more than the encode itself.
+        # Shared memory (/dev/shm: memory, not disk) rather than the pool's pipe: pickling the
+        # pixels through a pipe took longer than the encode itself.
         pixels_shm = reserve(row_bytes * height)
         if pixels_shm is None:
             self.no_room += 1

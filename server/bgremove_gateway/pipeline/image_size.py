@@ -6,10 +6,9 @@ like any other damage; reading the few header bytes here lets decode() say exact
 
 from __future__ import annotations
 
-import mmap
 import struct
 
-BufferLike = bytes | bytearray | memoryview | mmap.mmap
+from bgremove_gateway.pipeline.buffers import BufferLike
 
 # Start-of-frame markers (baseline, progressive, lossless, arithmetic...): not DHT (C4), JPG (C8)
 # or DAC (CC), which share the range.

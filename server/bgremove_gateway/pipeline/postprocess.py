@@ -22,8 +22,7 @@ Box = tuple[int, int, int, int]  # left, top, right, bottom (exclusive)
 # The subject is where alpha is at least half: the same threshold for bbox, crop and the header.
 FOREGROUND_THRESHOLD: Final = 128
 _WHITE: Final = (255, 255, 255)
-# Same trade-off as the model input (see preprocess): indistinguishable from plain LANCZOS, and
-# 3-5x faster when a 20 MP cut-out is shrunk to a thumbnail.
+# As for the model input (preprocess.py): the same result as plain LANCZOS, several times faster.
 _REDUCING_GAP: Final = 3.0
 
 
@@ -33,17 +32,14 @@ class Cutout:
     bbox: tuple[int, int, int, int] | None  # foreground x, y, w, h in output pixels; None if empty
     input_size: tuple[int, int]  # (w, h) after EXIF orientation
     # `image`'s own memory as [H, W, 4] uint8 when it is an RGBA cut-out made here, so the PNG
-    # encoder reads it in place instead of copying the image out first (a 4 MB copy at 1 MP).
+    # encoder reads it in place instead of copying the image out first.
     pixels: npt.NDArray[np.uint8] | None = None
 
 
-# The 320x320 mask is upsampled with OpenCV's bicubic (a = -0.75), not the LANCZOS rembg uses.
-# Measured on 19 photos (0.3-12 MP) with real U2-Net-P masks against LANCZOS: mean difference
-# 0.05-0.14 levels, at most 11 on an edge, IoU >= 0.994 at alpha 128 (Pillow's BICUBIC, used
-# before: 0.05-0.11, at most 12), in 0.43 ms for 1 MP on one core where Pillow's BICUBIC took 3.7
-# and its LANCZOS 8.2 (12 MP: 3 ms against 33). Bilinear was faster still but up to 31 levels off.
-# OpenCV's own thread pool stays off: the gateway already runs one request per core, and extra
-# threads would only take turns with ONNX Runtime's.
+# The mask is upsampled with OpenCV's bicubic, not the LANCZOS rembg uses: a fraction of a level
+# from it on average, about 10x faster (docs/decisions/code-resampling.md). OpenCV's own thread
+# pool stays off: the gateway already runs one request per core; more would take turns with ONNX
+# Runtime's.
 cv2.setNumThreads(1)
 
 
@@ -57,9 +53,7 @@ def mask_to_alpha(mask: npt.NDArray[np.uint8], size: tuple[int, int]) -> Image.I
 
 
 # Rows of the cut-out made at a time: each band's temporaries (its colours, its zero test) stay in
-# the cache and under the allocator's mmap threshold. A 12 MP cut-out took 56 ms in one piece
-# (page faults on ~50 MB of fresh temporaries) and 32-35 ms in bands of 256K pixels (64K: 36,
-# 1M: 46), measured with the channel shuffle this replaced; 1 MP took 2.0 ms either way.
+# the cache and under the allocator's mmap threshold (docs/decisions/code-cutout.md).
 _CUT_OUT_BAND_PIXELS: Final = 256 * 1024
 
 
@@ -68,8 +62,7 @@ def _cut_out(image: Image.Image, alpha: Image.Image) -> tuple[Image.Image, npt.N
     [H, W, 4]. Per band of rows: Pillow's pixels copied out four bytes a pixel as it stores them
     (RGB images are RGBX inside Pillow, so this is a plain copy, where unpacking to 3 bytes and
     shuffling into 4 is not), the alpha channel written over the fourth byte, then one multiply on
-    whole 32-bit pixels. 1 MP in 1.3 ms on one core (2.4-2.6 with an OpenCV channel shuffle of the
-    3-byte pixels, 2.4 through Pillow's convert and putalpha), 12 MP in 22-27 ms (30-35; ~75)."""
+    whole 32-bit pixels: the fastest way tried (docs/decisions/code-cutout.md)."""
     width, height = image.size
     raw_mode = "RGBA" if image.mode == "RGBA" else "RGBX"  # an RGBA source's alpha is in `alpha`
     matte = np.asarray(alpha)
@@ -87,8 +80,7 @@ def _cut_out(image: Image.Image, alpha: Image.Image) -> tuple[Image.Image, npt.N
 
 
 def _foreground_box(alpha: Image.Image) -> Box | None:
-    # OpenCV's threshold and bounding box of non-zero pixels: 1 MP in 0.17 ms on one core, where
-    # Pillow's point() and getbbox() took 0.75.
+    # OpenCV's threshold and bounding box: a quarter of the time of Pillow's point() and getbbox().
     _, foreground = cv2.threshold(np.asarray(alpha), FOREGROUND_THRESHOLD - 1, 255, cv2.THRESH_BINARY)
     x, y, width, height = cv2.boundingRect(foreground)
     return None if width == 0 else (x, y, x + width, y + height)

@@ -10,17 +10,10 @@ import numpy.typing as npt
 from PIL import Image
 
 from bgremove_gateway.pipeline import resize
+from bgremove_gateway.pipeline.contract import MODEL_INPUT_SIZE
 
-MODEL_INPUT_SIZE = 320
-
-# Pillow first shrinks by an integer factor with a box filter until the image is within this factor
-# of the target, then applies LANCZOS. Measured here on 2-23 MP photos against plain LANCZOS:
-# 3-5x faster (23 MP: 185 ms -> 34 ms, more than the JPEG decode itself), mask IoU >= 0.99 and mean
-# absolute mask difference <= 0.001. Photos under 3x the input size resize exactly as before.
-# Decoding JPEGs at reduced size with Image.draft() for the model input was measured again against
-# this path (U2-Net-P masks, IoU at alpha 128): 1 MP photos 0.977-1.0, 4 MP 0.867-0.997, 12 MP
-# 0.890-0.998. It would take ~10 ms off a 1 MP request, but changes the cut-out visibly on some
-# photos, so it is not used.
+# Shrink by whole factors with a box filter until within this factor of the target, then LANCZOS:
+# several times faster on large photos for the same masks (docs/decisions/code-resampling.md).
 _REDUCING_GAP = 3.0
 
 

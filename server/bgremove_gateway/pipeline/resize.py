@@ -2,11 +2,10 @@
 matrix products.
 
 Why not Pillow's own: its resampler is scalar integer code, and the model-input resize was the
-largest CPU step of a request (1 MP photo to 320x320: 10.3 ms on one core here, more than the decode,
-matte, cut-out and PNG encode together). Each pass is a product with a sparse matrix whose row x
-holds Pillow's filter weights for output pixel x, which scipy runs as vector multiply-adds over
-whole image rows: 5 ms. Other resamplers were faster still but are not Pillow's filter, and U2-Net-P
-masks of sensitive photos moved with them beyond what our parity with rembg allows (README).
+largest CPU step of a request. Each pass is a product with a sparse matrix whose row x holds
+Pillow's filter weights for output pixel x, which scipy runs as vector multiply-adds over whole
+image rows, in half the time. Other resamplers are not Pillow's filter and move the masks beyond
+our parity with rembg (docs/decisions/code-resampling.md).
 
 The weights are Pillow's exactly: the same window per output pixel (Resample.c `precompute_coeffs`),
 quantised to its 22-bit fixed point, and the intermediate image is rounded and clipped to 8 bits
@@ -29,8 +28,8 @@ from scipy import sparse
 # Pillow's lanczos_filter is a 3-lobed windowed sinc, and its 8-bit coefficients are fixed point.
 SUPPORT = 3.0
 PRECISION_BITS = 22
-# Rows per product in either pass: bounds the float32 copies (12 bytes a pixel of RGB) to a band;
-# 128 rows ran as fast as the whole image at once and faster than 256 (cache).
+# Rows per product in either pass: bounds the float32 copies (12 bytes a pixel of RGB) to a band
+# small enough for the cache.
 BAND_ROWS = 128
 
 Box = tuple[float, float, float, float]

@@ -19,7 +19,7 @@ import grpc
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove_gateway.config import Limits
 from bgremove_gateway.errors import ServiceError, invalid, too_large
-from bgremove_gateway.pipeline.decode import SUPPORTED_CONTENT_TYPES, normalise_content_type
+from bgremove_gateway.pipeline.decode import SUPPORTED_CONTENT_TYPES, SUPPORTED_LIST, normalise_content_type
 
 SHA256_BYTES = 32
 MAX_CROP_MARGIN = 10_000
@@ -43,16 +43,12 @@ class Upload:
                 self.data.close()
 
 
-def _supported() -> str:
-    return ", ".join(SUPPORTED_CONTENT_TYPES)
-
-
 def check_content_type(field_name: str, value: str) -> str:
     if not value.strip():
-        raise invalid(field_name, f"{field_name} is missing; supported: {_supported()}")
+        raise invalid(field_name, f"{field_name} is missing; supported: {SUPPORTED_LIST}")
     content_type = normalise_content_type(value)
     if content_type not in SUPPORTED_CONTENT_TYPES:
-        raise invalid(field_name, f"{field_name} {value!r} is not supported; supported: {_supported()}")
+        raise invalid(field_name, f"{field_name} {value!r} is not supported; supported: {SUPPORTED_LIST}")
     return content_type
 
 

@@ -17,11 +17,10 @@ from typing import Final
 import grpc
 
 from bgremove.v1 import bgremove_pb2 as pb
-from bgremove_gateway.errors import ServiceError
+from bgremove_gateway.errors import BUDGET_RETRY_AFTER_S, ServiceError
 
-# Peak bytes per input pixel from decode through encode, measured on 12 MP photos here (peak RSS
-# minus the RSS before; the upload itself is reserved separately): PNG cut-out 14.2, JPEG 13.2,
-# mask 8.0, lossless WebP 31.2 (libwebp's own buffers). Rounded up for headroom.
+# Peak bytes per input pixel from decode through encode (the upload is reserved separately), as
+# measured on large photos and rounded up for headroom (docs/decisions/code-memory.md).
 BYTES_PER_PIXEL: Final[dict[int, int]] = {
     pb.OUTPUT_FORMAT_UNSPECIFIED: 16,
     pb.OUTPUT_FORMAT_PNG: 16,
@@ -31,7 +30,6 @@ BYTES_PER_PIXEL: Final[dict[int, int]] = {
 }
 # Model input and mask, protobuf messages and the result's chunks in flight: small but not zero.
 PER_REQUEST_OVERHEAD_BYTES: Final = 1 << 20
-RETRY_AFTER_S: Final = 1.0
 
 
 def image_bytes_estimate(width: int, height: int, fmt: int) -> int:
@@ -76,8 +74,8 @@ class Ticket:
                 raise ServiceError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"too many concurrent streams: {a.streams} open, the limit is "
-                    f"{a.max_concurrent_streams}; retry in {RETRY_AFTER_S:g} s",
-                    retry_after_s=RETRY_AFTER_S,
+                    f"{a.max_concurrent_streams}; retry in {BUDGET_RETRY_AFTER_S:g} s",
+                    retry_after_s=BUDGET_RETRY_AFTER_S,
                 )
             a.streams += 1
             self._in = True
@@ -110,8 +108,8 @@ class Ticket:
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"the gateway is at its memory budget: {what} needs {nbytes} bytes, "
                     f"{a.memory_budget_bytes - a.reserved_bytes} of {a.memory_budget_bytes} are free; "
-                    f"retry in {RETRY_AFTER_S:g} s",
-                    retry_after_s=RETRY_AFTER_S,
+                    f"retry in {BUDGET_RETRY_AFTER_S:g} s",
+                    retry_after_s=BUDGET_RETRY_AFTER_S,
                 )
             a.reserved_bytes += nbytes
             self._bytes += nbytes

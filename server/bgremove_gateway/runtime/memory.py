@@ -1,11 +1,10 @@
 """Image buffers are reused while the gateway is busy and given back to the OS once it is idle.
 
 Two costs pull against each other. A buffer the allocator hands out from memory it already holds
-is fast; a fresh mapping page-faults on every 4 KiB page as the image is written into it. Serving
-every image-sized buffer from its own mapping (glibc's mmap threshold at 1 MiB) made the gateway's
-CPU work on a 1 MP photo 51 ms instead of 29 ms (benchmarks/steps.py: decode 8.4 -> 3.6 ms,
-encode 13.3 -> 3.5 ms). Keeping them in the allocator's arenas, on the other hand, keeps the
-memory of a burst after it ends: 660 MiB after a burst of 12 MP requests against 205 MiB before.
+is fast; a fresh mapping page-faults on every 4 KiB page as the image is written into it, which
+nearly doubled the gateway's CPU work on a photo with glibc's default 1 MiB mmap threshold.
+Keeping buffers in the allocator's arenas, on the other hand, keeps the memory of a burst after it
+ends (figures in docs/decisions/code-memory.md).
 
 So buffers up to ARENA_MAX_BUFFER_BYTES (an 8 MP RGBA image) stay in the arenas and are reused hot,
 glibc does not trim them back mid-burst, and IdleTrim calls malloc_trim once no request has been

@@ -64,6 +64,14 @@ def _written(
     return handler
 
 
+def serializers(handler: grpc.RpcMethodHandler) -> dict[str, Any]:
+    """`handler`'s message (de)serializers, for a handler that wraps it."""
+    return {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+
+
 class CallLifecycle(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Outermost interceptor: response streams are written, not yielded, and closed in the call."""
 
@@ -75,10 +83,7 @@ class CallLifecycle(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        kw = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
+        kw = serializers(handler)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(_written(handler.unary_stream), **kw)
         if handler.stream_stream is not None:

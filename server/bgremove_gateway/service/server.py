@@ -17,7 +17,7 @@ from bgremove.tracing import otlp_traces_url
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
 from bgremove_gateway.access.control import RELOAD_INTERVAL_S, AccessControl, KeyStore
-from bgremove_gateway.access.tls import ListenerError, listener
+from bgremove_gateway.access.tls import Listener, ListenerError, listener
 from bgremove_gateway.config import Settings
 from bgremove_gateway.pipeline.encode_pool import EncodePool
 from bgremove_gateway.pipeline.flow import Pipeline
@@ -107,6 +107,27 @@ class Gateway:
 
     async def start(self) -> None:
         """Binds the port first (so a taken port fails in a second), then brings the backend up."""
+        security = self._security()
+        access_control = AccessControl(security.policy)
+        server = self._bind_api(security, access_control)
+        self._bind_health_listener()
+        self._reload_keys_when_changed(access_control)
+        pool = self._backend()
+        pipeline = await self._pipeline(pool)
+        self._add_services(server, pipeline)
+        await self._listen(server)
+        await self._start_embedded_triton(server, pool)
+        await self._follow_backend(pool, pipeline)
+
+    def _security(self) -> Listener:
+        """What the listener demands (TLS, keys, client certificates), checked before anything binds."""
+        try:
+            return listener(self.settings.listen, self.settings.security)
+        except ListenerError as exc:
+            raise StartupError(str(exc)) from None
+
+    def _bind_api(self, security: Listener, access_control: AccessControl) -> grpc.aio.Server:
+        """The gRPC server with its interceptors, bound to --listen (not started yet)."""
         s = self.settings
         tracing_filter = filters.negate(
             filters.any_of(
@@ -114,29 +135,36 @@ class Gateway:
                 filters.service_prefix("grpc.reflection"),
             )
         )
-        try:
-            security = listener(s.listen, s.security)
-        except ListenerError as exc:
-            raise StartupError(str(exc)) from None
-        access_control = AccessControl(security.policy)
         server = grpc.aio.server(
             interceptors=[CallLifecycle(), aio_server_interceptor(filter_=tracing_filter), access_control],
             options=_grpc_options(s),
         )
         self.port = _bind(server, s.listen, security.credentials)
         self.server = server
-        if s.security.health_listen is not None:
-            # Plaintext, grpc.health.v1 and reflection only: the kubelet's gRPC probe cannot do TLS.
-            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-            # grpcurl needs reflection to name the service it calls.
-            reflection.enable_server_reflection(
-                (health.SERVICE_NAME, reflection.SERVICE_NAME), self.health_server
-            )
-            _bind(self.health_server, s.security.health_listen, None)
-        if security.policy.keys is not None:
-            self._key_reloader = asyncio.create_task(_reload_keys(security.policy.keys, access_control))
+        return server
 
+    def _bind_health_listener(self) -> None:
+        """The optional plaintext listener for probes: grpc.health.v1 and reflection only, since the
+        kubelet's gRPC probe cannot do TLS (grpcurl needs reflection to name the service it calls)."""
+        address = self.settings.security.health_listen
+        if address is None:
+            return
+        self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        reflection.enable_server_reflection(
+            (health.SERVICE_NAME, reflection.SERVICE_NAME), self.health_server
+        )
+        _bind(self.health_server, address, None)
+
+    def _reload_keys_when_changed(self, access_control: AccessControl) -> None:
+        keys = access_control.policy.keys
+        if keys is not None:
+            self._key_reloader = asyncio.create_task(_reload_keys(keys, access_control))
+
+    def _backend(self) -> TritonPool:
+        """The pool of Triton replicas: the --triton-url ones, or the embedded Triton (made here,
+        started once the gateway listens)."""
+        s = self.settings
         urls = list(s.triton.urls)
         if not urls:
             self.triton = EmbeddedTriton(s.triton, otlp_traces_url=otlp_traces_url())
@@ -151,10 +179,17 @@ class Gateway:
             )
         except ValueError as exc:
             raise StartupError(str(exc)) from None
+        return self.pool
+
+    async def _pipeline(self, pool: TritonPool) -> Pipeline:
+        """The data path, with its encode worker processes started."""
+        s = self.settings
         self._warn_if_budget_too_small()
         self.encoder = EncodePool(s.cpu_workers)
         await asyncio.to_thread(self.encoder.start)
-        pipeline = Pipeline(s, self.pool, self.executor, self.encoder)
+        return Pipeline(s, pool, self.executor, self.encoder)
+
+    def _add_services(self, server: grpc.aio.Server, pipeline: Pipeline) -> None:
         pb_grpc.add_BackgroundRemovalServicer_to_server(
             BackgroundRemovalServicer(pipeline, self.state, self.admission), server
         )
@@ -162,31 +197,36 @@ class Gateway:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
+
+    async def _listen(self, server: grpc.aio.Server) -> None:
+        """Starts serving, NOT_SERVING until the backend is ready."""
         await self._set_health(False)
         await server.start()
         if self.health_server is not None:
             await self.health_server.start()
-        log.info("listening on %s (NOT_SERVING until the model is ready)", s.listen)
+        log.info("listening on %s (NOT_SERVING until the model is ready)", self.settings.listen)
 
-        if self.triton is not None:
-            try:
-                await self.triton.start()
-            except TritonStartError as exc:
-                await server.stop(0)
-                raise StartupError(str(exc)) from None
-            log.info(
-                "embedded Triton ready at %s with models %s",
-                self.triton.grpc_url,
-                ", ".join(self.triton.models),
-            )
-            triton, pool = self.triton, self.pool
-            self.supervisor = TritonSupervisor(
-                triton,
-                on_exit=lambda reason: pool.mark_down(triton.grpc_url, reason),
-                on_ready=pool.probe_all,
-            )
-            self.supervisor.start()
-        await self.pool.start()
+    async def _start_embedded_triton(self, server: grpc.aio.Server, pool: TritonPool) -> None:
+        """Starts the embedded Triton, if there is one, and the supervisor that restarts it."""
+        triton = self.triton
+        if triton is None:
+            return
+        try:
+            await triton.start()
+        except TritonStartError as exc:
+            await server.stop(0)
+            raise StartupError(str(exc)) from None
+        log.info("embedded Triton ready at %s with models %s", triton.grpc_url, ", ".join(triton.models))
+        self.supervisor = TritonSupervisor(
+            triton,
+            on_exit=lambda reason: pool.mark_down(triton.grpc_url, reason),
+            on_ready=pool.probe_all,
+        )
+        self.supervisor.start()
+
+    async def _follow_backend(self, pool: TritonPool, pipeline: Pipeline) -> None:
+        """Probes the pool once (so the first health status is real), then follows its changes."""
+        await pool.start()
         await self._apply_pool_status(pipeline)
         self._monitor = asyncio.create_task(self._follow_pool(pipeline))
 

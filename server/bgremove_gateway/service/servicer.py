@@ -6,17 +6,17 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import NoReturn
 
 import grpc
-from grpc_status import rpc_status
 
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
 from bgremove_gateway import __version__
 from bgremove_gateway.access.log import Access as _Access
-from bgremove_gateway.errors import ServiceError
+from bgremove_gateway.errors import NOT_READY_RETRY_AFTER_S, ServiceError, abort
+from bgremove_gateway.pipeline.contract import MODEL_INPUT_SIZE
 from bgremove_gateway.pipeline.decode import SUPPORTED_CONTENT_TYPES
+from bgremove_gateway.pipeline.encode import OUTPUT_FORMATS
 from bgremove_gateway.pipeline.flow import Pipeline, Result
 from bgremove_gateway.pipeline.upload import MAX_CROP_MARGIN
 from bgremove_gateway.runtime.budget import MemoryBudget, Ticket
@@ -24,16 +24,6 @@ from bgremove_gateway.runtime.memory import IdleTrim
 from bgremove_gateway.service.readout import read_out
 
 log = logging.getLogger("bgremove.gateway")
-
-# A caller refused while the backend is down is told to come back after this long (RetryInfo).
-NOT_READY_RETRY_AFTER_S = 2.0
-
-OUTPUT_FORMATS = (
-    pb.OUTPUT_FORMAT_PNG,
-    pb.OUTPUT_FORMAT_WEBP,
-    pb.OUTPUT_FORMAT_MASK,
-    pb.OUTPUT_FORMAT_JPEG,
-)
 
 
 @dataclass
@@ -44,12 +34,6 @@ class ServingState:
     models: list[str] = field(default_factory=list)
     # Why it is not ready, for the UNAVAILABLE callers get meanwhile.
     reason: str = "the model is loading"
-
-
-async def abort(context: grpc.aio.ServicerContext, err: ServiceError) -> NoReturn:
-    status = rpc_status.to_status(err.to_rpc_status())
-    await context.abort(status.code, status.details, status.trailing_metadata)
-    raise AssertionError("unreachable: abort raises")
 
 
 class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
@@ -166,7 +150,7 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
         ready = set(self.state.models) if self.state.ready else set()
         served = sorted(set(self.pipeline.models) | ready)
         info = pb.GetServiceInfoResponse(
-            models=[pb.ModelInfo(name=m, input_size=320, ready=m in ready) for m in served],
+            models=[pb.ModelInfo(name=m, input_size=MODEL_INPUT_SIZE, ready=m in ready) for m in served],
             default_model=settings.default_model,
             limits=pb.Limits(
                 max_upload_bytes=lim.max_upload_bytes,
@@ -183,7 +167,7 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
                 max_output_side=lim.max_output_side,
                 max_crop_margin=MAX_CROP_MARGIN,
             ),
-            output_formats=OUTPUT_FORMATS,
+            output_formats=tuple(OUTPUT_FORMATS.values()),
             input_content_types=SUPPORTED_CONTENT_TYPES,
             version=__version__,
         )

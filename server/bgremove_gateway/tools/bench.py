@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import io
 import json
 import os
@@ -34,27 +33,11 @@ from PIL import Image
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
 from bgremove_gateway.config import DEFAULT_MODEL_REPOSITORY
+from bgremove_gateway.pipeline.encode import OUTPUT_FORMATS
+from bgremove_gateway.tools.load import OK, Call, Outcome, drive, stream_remove, upload_messages
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 _CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
-FORMATS = {
-    "png": pb.OUTPUT_FORMAT_PNG,
-    "webp": pb.OUTPUT_FORMAT_WEBP,
-    "mask": pb.OUTPUT_FORMAT_MASK,
-    "jpeg": pb.OUTPUT_FORMAT_JPEG,
-}
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One call's gRPC status name ("OK", "RESOURCE_EXHAUSTED", ...) and whether a refusal
-    carried a retry hint (google.rpc.RetryInfo)."""
-
-    status: str
-    retry_hinted: bool = False
-
-
-OK = Outcome("OK")
 
 
 @dataclass
@@ -145,9 +128,6 @@ def load_photos(paths: Sequence[Path]) -> list[Photo]:
     return photos
 
 
-Call = Callable[[int], Awaitable[Outcome]]
-
-
 @dataclass
 class Target:
     """One thing to measure: `call(i)` sends request i; `close()` releases the client."""
@@ -160,16 +140,8 @@ class Target:
 
 async def _drive(stats: RunStats, concurrency: int, indices: range, call: Call) -> None:
     """Sends `indices` on `concurrency` workers; adds outcomes and the wall time to `stats`."""
-    next_index = iter(indices)
-
-    async def worker() -> None:
-        for i in next_index:
-            t0 = time.perf_counter()
-            outcome = await call(i)
-            stats.record(outcome, (time.perf_counter() - t0) * 1000)
-
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await drive(indices, concurrency, call, stats.record)
     stats.wall_s += time.perf_counter() - started
 
 
@@ -193,44 +165,17 @@ async def interleaved(
     return stats
 
 
-def _has_retry_info(exc: grpc.RpcError) -> bool:
-    from google.rpc import error_details_pb2
-    from grpc_status import rpc_status
-
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    return status is not None and any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
-
-
 async def service_target(
-    target: str, photos: list[Photo], concurrency: int, fmt: int, chunk: int = 256 * 1024
+    target: str, photos: list[Photo], concurrency: int, fmt: int, chunk: int = 256 * 1024, model: str = ""
 ) -> Target:
-    """Blocking gRPC calls on `concurrency` threads, not grpc.aio: when a server refuses an upload
-    before the client has sent all of it (overload), grpc.aio can report INTERNAL "Internal error
-    from Core" in place of the server's status (grpc/grpc#36066), which would miscount statuses."""
-    uploads = [
-        [
-            pb.UploadRequest(
-                header=pb.UploadHeader(
-                    content_type=photo.content_type,
-                    total_size=len(photo.data),
-                    sha256=hashlib.sha256(photo.data).digest(),
-                    options=pb.Options(format=fmt),  # type: ignore[arg-type]
-                )
-            ),
-            *(pb.UploadRequest(chunk=photo.data[o : o + chunk]) for o in range(0, len(photo.data), chunk)),
-        ]
-        for photo in photos
-    ]
+    """Blocking gRPC calls on `concurrency` threads, not grpc.aio (see tools/load.py)."""
+    options = pb.Options(format=fmt, model=model)  # type: ignore[arg-type]
+    uploads = [list(upload_messages(photo.data, photo.content_type, options, chunk)) for photo in photos]
     channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
     stub = pb_grpc.BackgroundRemovalStub(channel)
 
     def blocking_call(i: int) -> Outcome:
-        try:
-            for _ in stub.StreamRemoveBackground(iter(uploads[i % len(uploads)]), timeout=300):
-                pass
-        except grpc.RpcError as exc:
-            return Outcome(exc.code().name, _has_retry_info(exc))
-        return OK
+        return stream_remove(stub, uploads[i % len(uploads)], timeout=300, keep_result=False)
 
     loop = asyncio.get_running_loop()
     threads = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="bench")
@@ -256,7 +201,7 @@ async def triton_target(url: str, model: str, photos: list[Photo]) -> Target:
         try:
             await client.infer(model, photos[i % len(photos)].tensor)
         except ServiceError as exc:
-            return Outcome(exc.code.name, exc.retry_after_s is not None)
+            return Outcome(exc.code, exc.message, exc.retry_after_s)
         return OK
 
     await call(0)
@@ -292,7 +237,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=Path, nargs="+", required=True, help="image files or folders")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--requests", type=int, default=40)
-    parser.add_argument("--format", choices=sorted(FORMATS), default="png")
+    parser.add_argument("--format", choices=sorted(OUTPUT_FORMATS), default="png")
     parser.add_argument("--triton-url", default=None, help="also measure Triton directly at HOST:PORT")
     parser.add_argument("--model-alone", action="store_true", help="also measure ONNX Runtime in-process")
     parser.add_argument("--model", default="u2netp")
@@ -310,7 +255,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def run_all(ns: argparse.Namespace) -> dict[str, Any]:
     photos = load_photos(ns.images)
-    targets = [await service_target(ns.target, photos, ns.concurrency, FORMATS[ns.format])]
+    targets = [
+        await service_target(ns.target, photos, ns.concurrency, OUTPUT_FORMATS[ns.format], model=ns.model)
+    ]
     try:
         if ns.triton_url:
             targets.append(await triton_target(ns.triton_url, ns.model, photos))

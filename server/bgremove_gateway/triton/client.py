@@ -21,14 +21,13 @@ import numpy.typing as npt
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
 from opentelemetry import propagate, trace
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from bgremove_gateway.errors import ServiceError
+from bgremove_gateway.errors import OVERLOAD_RETRY_AFTER_S, ServiceError
+from bgremove_gateway.pipeline.contract import INPUT_DTYPE, INPUT_NAME, OUTPUT_NAME
 
 log = logging.getLogger("bgremove.infer")
 
-INPUT_NAME = "image"
-OUTPUT_NAME = "mask"
 # The header Triton's restricted APIs check: gRPC metadata "triton-grpc-protocol-<this>" (Triton
 # adds the prefix), HTTP header "<this>".
 ADMIN_HEADER = "bgremove-admin-key"
@@ -63,9 +62,6 @@ _CHANNEL_ARGS: list[tuple[str, Any]] = [
 ]
 
 _STATUS_BY_NAME = {f"StatusCode.{code.name}": code for code in grpc.StatusCode}
-# How long a caller refused for capacity is told to wait (google.rpc.RetryInfo): about the time a
-# full CPU batch takes, so a retry meets a queue that has moved on.
-OVERLOAD_RETRY_AFTER_S = 1.0
 
 
 def short_reason(message: str) -> str:
@@ -156,7 +152,7 @@ class TritonInference:
     ) -> npt.NDArray[np.uint8]:
         """Run `model` on one HxWx3 uint8 image; returns its HxW uint8 mask."""
         batch = image[np.newaxis]
-        inp = grpcclient.InferInput(INPUT_NAME, list(batch.shape), "UINT8")
+        inp = grpcclient.InferInput(INPUT_NAME, list(batch.shape), np_to_triton_dtype(INPUT_DTYPE))
         inp.set_data_from_numpy(batch)
         # Triton joins the caller's trace from the W3C traceparent header on the infer call.
         headers = dict(self._headers)

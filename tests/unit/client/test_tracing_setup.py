@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -157,3 +158,48 @@ def test_configured_provider_becomes_the_global_one(collector: Collector) -> Non
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
     ((resource, name),) = collector.spans()
     assert (resource["service.name"], name) == ("global-test", "via-api")
+
+
+def test_without_the_sdk_tracing_stays_off_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """bgremove-client without its `tracing` extra: the OpenTelemetry SDK cannot be imported."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delitem(sys.modules, "bgremove._otlp", raising=False)
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)
+    with caplog.at_level(logging.WARNING, logger="bgremove.tracing"):
+        assert configure_tracing("svc", set_global=False, short_lived=True) is None
+    (record,) = caplog.records
+    assert "not exported to http://127.0.0.1:9/v1/traces" in record.getMessage()
+    assert "pip install 'bgremove-client[tracing]'" in record.getMessage()
+
+
+def test_a_short_lived_provider_exports_like_any_other(
+    collector: Collector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint)
+    provider = configure_tracing("short", set_global=False, short_lived=True)
+    assert provider is not None
+    with provider.get_tracer("t").start_as_current_span("work"):
+        pass
+    shutdown_tracing(provider)
+    ((resource, name),) = collector.spans()
+    assert (resource["service.name"], name) == ("short", "work")
+
+
+def test_a_short_lived_provider_drops_the_queue_once_an_export_failed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """More spans than one batch (512) and a collector that refuses: one attempt, one line."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    provider = configure_tracing("short", set_global=False, short_lived=True)
+    assert provider is not None
+    tracer = provider.get_tracer("t")
+    for _ in range(1500):
+        with tracer.start_as_current_span("work"):
+            pass
+    with caplog.at_level(logging.WARNING):
+        shutdown_tracing(provider)
+    assert [r.getMessage() for r in caplog.records] == [
+        "tracing: 1500 spans were not exported to http://127.0.0.1:9/v1/traces: Connection refused"
+    ]

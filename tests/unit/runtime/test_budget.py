@@ -13,14 +13,13 @@ from PIL import Image
 
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove_gateway.config import Limits
-from bgremove_gateway.errors import ServiceError
+from bgremove_gateway.errors import BUDGET_RETRY_AFTER_S, ServiceError
 from bgremove_gateway.pipeline.decode import decode
 from bgremove_gateway.pipeline.flow import TicketBudget
 from bgremove_gateway.pipeline.upload import read_stream_upload
 from bgremove_gateway.runtime.budget import (
     BYTES_PER_PIXEL,
     PER_REQUEST_OVERHEAD_BYTES,
-    RETRY_AFTER_S,
     MemoryBudget,
     image_bytes_estimate,
 )
@@ -38,7 +37,7 @@ def test_stream_cap_refuses_with_a_retry_hint_and_frees_on_release() -> None:
         extra.enter()
     assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert err.value.message == "too many concurrent streams: 3 open, the limit is 3; retry in 1 s"
-    assert err.value.retry_after_s == RETRY_AFTER_S
+    assert err.value.retry_after_s == BUDGET_RETRY_AFTER_S
     extra.release()  # a refused ticket releases nothing it did not take
     assert admission.streams == 3
     tickets[0].release()
@@ -57,7 +56,7 @@ def test_memory_budget_refuses_what_does_not_fit_now_and_admits_it_later() -> No
     with pytest.raises(ServiceError) as err:
         second.reserve(4 * MiB, "a 1000x1000 image")
     assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert err.value.retry_after_s == RETRY_AFTER_S
+    assert err.value.retry_after_s == BUDGET_RETRY_AFTER_S
     free = 10 * MiB - 6 * MiB - 2 * PER_REQUEST_OVERHEAD_BYTES
     assert err.value.message == (
         f"the gateway is at its memory budget: a 1000x1000 image needs {4 * MiB} bytes, "

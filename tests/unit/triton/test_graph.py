@@ -18,11 +18,9 @@ from onnx import TensorProto
 from PIL import Image
 from tritonclient.grpc import model_config_pb2
 
+from bgremove_gateway.pipeline.contract import INPUT_NAME, MODEL_INPUT_SIZE, OUTPUT_NAME
 from bgremove_gateway.triton import graph as model_repo
 from bgremove_gateway.triton.graph import (
-    INPUT_NAME,
-    MODEL_INPUT_SIZE,
-    OUTPUT_NAME,
     U2NET,
     U2NETP,
     ModelPreparationError,
@@ -189,24 +187,25 @@ def test_prepare_is_idempotent_and_records_provenance(
 ) -> None:
     monkeypatch.delenv(model_repo.U2NET_ENV, raising=False)
     repo = tmp_path / "repo"
-    (first,) = prepare_models(repo)
+    # fetch=False: U2-Net-P alone here; fetching the full U2-Net is tested in test_fetch.py.
+    (first,) = prepare_models(repo, fetch=False)
     assert first.built and first.name == "u2netp" and first.path == repo / "u2netp/1/model.onnx"
     meta = {p.key: p.value for p in onnx.load(str(first.path)).metadata_props}
     assert meta["bgremove.source_md5"] == U2NETP.md5
     assert meta["bgremove.source_sha256"] == U2NETP_SHA256
     stamp = first.path.stat().st_mtime_ns
 
-    (second,) = prepare_models(repo)
+    (second,) = prepare_models(repo, fetch=False)
     assert not second.built and first.path.stat().st_mtime_ns == stamp
 
-    (forced,) = prepare_models(repo, force=True)
+    (forced,) = prepare_models(repo, force=True, fetch=False)
     assert forced.built
 
     # A graph from an older builder (different graph_version) is rebuilt, not trusted.
     stale = onnx.load(str(first.path))
     onnx.helper.set_model_props(stale, {**meta, "bgremove.graph_version": "0"})
     onnx.save(stale, str(first.path))
-    (rebuilt,) = prepare_models(repo)
+    (rebuilt,) = prepare_models(repo, fetch=False)
     assert rebuilt.built
     assert not list(first.path.parent.glob(".*.tmp"))
 
@@ -217,7 +216,7 @@ def test_available_models_lists_only_prepared_folders(tmp_path: Path) -> None:
     (repo / "u2net" / "1").mkdir(parents=True)
     (repo / "notes.txt").write_text("not a model")
     assert available_models(repo) == []
-    prepare_models(repo, u2net_source=None)
+    prepare_models(repo, u2net_source=None, fetch=False)
     assert available_models(repo) == ["u2netp"]
 
 
@@ -227,10 +226,10 @@ def test_u2net_is_built_from_supplied_weights(tmp_path: Path) -> None:
     stand_in = ModelSource("u2net", md5(source), "synthetic U2-Net stand-in")
     prepared = prepare_model(source, stand_in, repo)
     assert prepared.built and prepared.path == repo / "u2net/1/model.onnx"
-    prepare_models(repo)
+    prepare_models(repo, fetch=False)
     assert available_models(repo) == ["u2net", "u2netp"]
-    # Later runs without a u2net source keep the built graph.
-    assert [m.name for m in prepare_models(repo)] == ["u2netp"]
+    # Later runs without a u2net source (and without fetching) keep the built graph.
+    assert [m.name for m in prepare_models(repo, fetch=False)] == ["u2netp"]
     assert available_models(repo) == ["u2net", "u2netp"]
 
 
@@ -252,7 +251,7 @@ def test_u2net_sources_are_checksum_verified(
         shutil.copy(source, dropped)
         source = dropped
     with pytest.raises(ModelPreparationError) as err:
-        prepare_models(repo, u2net_source=explicit)
+        prepare_models(repo, u2net_source=explicit, fetch=False)
     assert str(source) in str(err.value) and U2NET.md5 in str(err.value)
 
 
@@ -315,8 +314,12 @@ def test_config_agrees_with_the_serving_graph(path: Path, serving_graph: onnx.Mo
         assert accelerators == (["tensorrt"] if path.stem == "gpu-tensorrt" else [])
 
 
-def test_prepared_repo_serves_u2netp(prepared_repo: Path) -> None:
-    assert "u2netp" in available_models(prepared_repo)
-    session = _session(prepared_repo / "u2netp/1/model.onnx")
+@pytest.mark.parametrize("model", ["u2netp", "u2net"])
+def test_prepared_repo_serves_both_models(prepared_repo: Path, model: str) -> None:
+    assert available_models(prepared_repo) == ["u2net", "u2netp"]
+    path = prepared_repo / model / "1/model.onnx"
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    assert meta["bgremove.source_md5"] == {"u2netp": U2NETP, "u2net": U2NET}[model].md5
+    session = _session(path)
     assert [i.name for i in session.get_inputs()] == [INPUT_NAME]
-    assert os.access(prepared_repo / "u2netp/1/model.py", os.R_OK)
+    assert os.access(prepared_repo / model / "1/model.py", os.R_OK)
