@@ -39,3 +39,25 @@ def test_buf_lint_passes() -> None:
     buf = shutil.which("buf") or str(Path(sys.executable).with_name("buf"))
     out = subprocess.run([buf, "lint"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_make_check_protos_fails_when_the_stubs_are_stale(tmp_path: Path) -> None:
+    """CI runs `make check-protos`: it passes on the checkout and fails once the proto moves on."""
+    shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
+    shutil.copytree(REPO / "protos", tmp_path / "protos")
+    shutil.copytree(REPO / "clients/python/bgremove/v1", tmp_path / "clients/python/bgremove/v1")
+    make = [
+        "make",
+        "-s",
+        "-o",
+        ".venv/.installed-stamp",
+        "check-protos",
+        f"BIN={Path(sys.executable).parent}",
+    ]
+    fresh = subprocess.run(make, cwd=tmp_path, capture_output=True, text=True)
+    assert fresh.returncode == 0, fresh.stderr
+    proto = tmp_path / "protos/bgremove/v1/bgremove.proto"
+    proto.write_text(proto.read_text().replace("message Limits {", "message Limits {\n  uint32 added = 99;"))
+    stale = subprocess.run(make, cwd=tmp_path, capture_output=True, text=True)
+    assert stale.returncode != 0
+    assert "clients/python/bgremove/v1/bgremove_pb2.py is stale: run make protos" in stale.stderr

@@ -163,7 +163,7 @@ async def test_even_the_key_cannot_load_or_unload_a_model(triton: EmbeddedTriton
         )
     finally:
         await client.close()
-    # Triton's repository holds the served models only (the checkout's also has an unprepared u2net).
+    # Triton's repository holds the prepared, served models only.
     assert sorted(m["name"] for m in index["models"]) == triton.models
 
 
