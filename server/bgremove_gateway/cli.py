@@ -19,10 +19,10 @@ from bgremove_gateway.config import (
 )
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, log_format: str = "text") -> None:
     from bgremove_gateway.runtime.logs import configure_logging
 
-    configure_logging(level)
+    configure_logging(level, log_format)
 
 
 def _cmd_serve(ns: argparse.Namespace) -> int:
@@ -31,7 +31,7 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     from bgremove_gateway.service.server import StartupError, serve
 
     settings = settings_from_args(ns)
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format)
     configure_allocator()
     provider = configure_tracing("bgremove-gateway")
     try:

@@ -16,7 +16,7 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 MiB = 1024 * 1024
 
@@ -115,6 +115,10 @@ class Security:
     health_listen: str | None = None
 
 
+LogFormat = Literal["text", "json"]
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
+
+
 @dataclass(frozen=True)
 class Settings:
     listen: str = "127.0.0.1:50051"
@@ -125,6 +129,9 @@ class Settings:
     cpu_workers: int = max(2, os.cpu_count() or 2)
     drain_seconds: float = 25.0
     log_level: str = "INFO"
+    log_format: LogFormat = "text"
+    # Prometheus /metrics, a plain HTTP listener apart from the API; None serves no metrics.
+    metrics_listen: str | None = DEFAULT_METRICS_LISTEN
     security: Security = field(default_factory=Security)
     # Admission: uploads plus decoded pixels held at once, and open RemoveBackground calls. 1.5 GiB
     # fits the largest default image (64 MP as a PNG cut-out) inside the chart's 2 GiB pod limit.
@@ -151,6 +158,12 @@ def _optional_str(value: str) -> str | None:
     return value or None
 
 
+def _log_format(value: str) -> LogFormat:
+    if value not in get_args(LogFormat):
+        raise argparse.ArgumentTypeError(f"log format {value!r} is not text or json")
+    return value  # type: ignore[return-value]
+
+
 # How a value is read from a flag or an environment variable, by the field's type.
 _PARSERS: dict[Any, Callable[[str], Any]] = {
     int: int,
@@ -159,6 +172,7 @@ _PARSERS: dict[Any, Callable[[str], Any]] = {
     Path: Path,
     Path | None: _optional_path,
     str | None: _optional_str,
+    LogFormat: _log_format,
 }
 _METAVARS: dict[Any, str] = {int: "N", float: "SECONDS", Path: "DIR", Path | None: "FILE"}
 _TRUE = frozenset({"1", "true", "yes"})
@@ -234,6 +248,20 @@ FLAGS: tuple[Flag, ...] = (
     ),
     Flag("--drain-seconds", Settings, "drain_seconds", "seconds calls in flight get to finish on SIGTERM"),
     Flag("--log-level", Settings, "log_level", "DEBUG, INFO, WARNING or ERROR", metavar="LEVEL"),
+    Flag(
+        "--log-format",
+        Settings,
+        "log_format",
+        "text, or json: one JSON object a line, with trace_id and span_id",
+        metavar="FORMAT",
+    ),
+    Flag(
+        "--metrics-listen",
+        Settings,
+        "metrics_listen",
+        "plain HTTP listener for Prometheus /metrics, no key needed; empty: none",
+        metavar="HOST:PORT",
+    ),
     Flag(
         "--memory-budget-bytes",
         Settings,

@@ -174,7 +174,8 @@ class GatewayProcess:
             str(free_port()),
             *self.args,
         ]
-        env = {**os.environ, **self.env}
+        # No metrics listener unless a test asks (--metrics-listen wins): gateways run side by side.
+        env = {**os.environ, "BGREMOVE_METRICS_LISTEN": "", **self.env}
         self.proc = subprocess.Popen(
             cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, cwd=REPO
         )

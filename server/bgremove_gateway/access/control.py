@@ -32,6 +32,7 @@ from bgremove_gateway.errors import (
     ServiceError,
     abort,
 )
+from bgremove_gateway.runtime import metrics
 from bgremove_gateway.service.calls import closed_with_call, closing, serializers
 from bgremove_gateway.service.readout import read_out
 
@@ -204,6 +205,7 @@ class AccessControl(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> AsyncIterator[None]:
         started = time.perf_counter()
         key_id: str | None = None
+        limits: KeyLimits | None = None
         try:
             key_id, limits = await self._identify(context)
             admitted = (
@@ -211,12 +213,21 @@ class AccessControl(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
             admitted.__enter__()
         except ServiceError as err:
+            metrics.key_refused(key_id or metrics.NO_LABEL, self._refusal_reason(err, key_id, limits))
             await self._refuse(method, context, requests, err, started, key_id or "-")
         caller.set(key_id)  # each call runs in its own task and context: this never leaks
         try:
             yield
         finally:
             admitted.__exit__(None, None, None)
+
+    def _refusal_reason(self, err: ServiceError, key_id: str | None, limits: KeyLimits | None) -> str:
+        """The metric's reason; key_id is set only once a key from the keys file was verified."""
+        if key_id is None or limits is None:
+            return "unauthenticated" if err.code == grpc.StatusCode.UNAUTHENTICATED else "key_checks"
+        # admit() refused: at the cap of calls in flight, or else out of tokens (nothing changed since).
+        at_cap = bool(limits.max_streams) and self.admission.in_flight(key_id) >= limits.max_streams
+        return "key_streams" if at_cap else "key_rate"
 
     async def _refuse(
         self,

@@ -14,6 +14,8 @@ import time
 import grpc
 from opentelemetry import trace
 
+from bgremove_gateway.runtime import metrics
+
 access_log = logging.getLogger("bgremove.access")
 
 ANONYMOUS = "-"
@@ -58,7 +60,11 @@ class Access:
         remaining = _time_remaining(context)
         self.deadline = None if remaining is None else time.monotonic() + remaining
         self.key = caller.get() if key is None else key
+        # Metric labels only (never logged): set once the request's options were validated.
+        self.output_format = metrics.NO_LABEL
+        self.model = metrics.NO_LABEL
         self._written = False
+        metrics.call_started(method)
 
     def ended_by_caller(self) -> None:
         """The call ended under us: past its deadline, or cancelled or dropped by the caller."""
@@ -69,16 +75,33 @@ class Access:
         if self._written:
             return
         self._written = True
+        seconds = time.perf_counter() - self.started
+        fields = {
+            "key": self.key,
+            "peer": self.peer,
+            "method": self.method,
+            "status": self.code.name,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "latency_ms": round(seconds * 1000, 1),
+            "trace_id": self.trace_id,
+        }
         access_log.info(
             "key=%s peer=%s method=%s status=%s bytes_in=%d bytes_out=%d latency_ms=%.1f trace_id=%s",
-            self.key,
-            self.peer,
-            self.method,
-            self.code.name,
-            self.bytes_in,
-            self.bytes_out,
-            (time.perf_counter() - self.started) * 1000,
-            self.trace_id,
+            *fields.values(),
+            extra={"fields": fields},  # the JSON log format's keys (runtime/logs.py)
+        )
+        metrics.call_ended(
+            metrics.CallRecord(
+                self.method,
+                self.code.name,
+                self.output_format,
+                self.model,
+                seconds,
+                self.bytes_in,
+                self.bytes_out,
+                self.trace_id,
+            )
         )
 
 

@@ -113,6 +113,7 @@ class EncodePool:
         self.remote_encodes = 0
         self.restarts = 0
         self.no_room = 0  # encodes done in-process because /dev/shm was full
+        self.pending = 0  # handed to the workers, not finished: the pool's queue (a metric)
         # spawn: not fork, since the gateway has gRPC's and the pools' threads running, and not
         # forkserver, which needs a writable temporary directory (the chart's root filesystem is
         # read-only).
@@ -159,9 +160,15 @@ class EncodePool:
                 rows = image.crop((0, top, width, min(height, top + band))).tobytes()
                 buf[top * row_bytes : top * row_bytes + len(rows)] = rows
             del buf
-            out_name, data, content_type = pool.submit(
-                _encode_shared, pixels_shm.name, image.size, image.mode, fmt
-            ).result()
+            with self._lock:
+                self.pending += 1
+            try:
+                out_name, data, content_type = pool.submit(
+                    _encode_shared, pixels_shm.name, image.size, image.mode, fmt
+                ).result()
+            finally:
+                with self._lock:
+                    self.pending -= 1
             if out_name:
                 data = _take(out_name)
             result = Encoded(data=data, content_type=content_type)

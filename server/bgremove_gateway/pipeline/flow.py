@@ -26,6 +26,7 @@ from bgremove_gateway.pipeline.encode_pool import EncodePool
 from bgremove_gateway.pipeline.postprocess import compose, mask_to_alpha
 from bgremove_gateway.pipeline.preprocess import to_model_input
 from bgremove_gateway.pipeline.upload import Upload, read_stream_upload, unary_upload, validate_options
+from bgremove_gateway.runtime import metrics
 from bgremove_gateway.runtime.budget import Ticket, image_bytes_estimate
 
 tracer = trace.get_tracer("bgremove.gateway")
@@ -86,7 +87,7 @@ class Pipeline:
         self.models: Sequence[str] = (settings.default_model,)
 
     async def _cpu(self, step: str, fn: Callable[[], T]) -> T:
-        with tracer.start_as_current_span(step):
+        with tracer.start_as_current_span(step), metrics.timed_step(step):
             work = asyncio.get_running_loop().run_in_executor(self.executor, fn)
             try:
                 return await asyncio.shield(work)
@@ -102,14 +103,14 @@ class Pipeline:
         """Reads and checks a streamed upload: protocol, sizes, checksum, options. Each chunk is
         charged to the memory budget as it arrives, up to the declared size."""
 
-        with tracer.start_as_current_span("validate") as span:
+        with tracer.start_as_current_span("validate") as span, metrics.timed_step("validate"):
             budget = None if ticket is None else TicketBudget(ticket)
             upload = await read_stream_upload(requests, self.settings.limits, budget)
             self._check(upload, span)
         return upload
 
     def receive_unary(self, request: pb.RemoveBackgroundRequest, ticket: Ticket | None = None) -> Upload:
-        with tracer.start_as_current_span("validate") as span:
+        with tracer.start_as_current_span("validate") as span, metrics.timed_step("validate"):
             upload = unary_upload(request, self.settings.limits)
             if ticket is not None:
                 ticket.reserve(len(upload.data), f"an image of {len(upload.data)} bytes")
@@ -140,8 +141,9 @@ class Pipeline:
         decoded = await self._cpu("decode", lambda: decode(upload.data, upload.content_type, limits, admit))
         width, height = decoded.image.size
         trace.get_current_span().set_attribute("bgremove.image.pixels", width * height)
+        metrics.observe_megapixels(width * height)
         tensor = await self._cpu("preprocess", lambda: to_model_input(decoded.image))
-        with tracer.start_as_current_span("infer", kind=trace.SpanKind.CLIENT):
+        with tracer.start_as_current_span("infer", kind=trace.SpanKind.CLIENT), metrics.timed_step("infer"):
             mask = await self.inference.infer(model, tensor, timeout_s=timeout_s)
         cutout = await self._cpu(
             "postprocess", lambda: compose(decoded, mask_to_alpha(mask, (width, height)), options)

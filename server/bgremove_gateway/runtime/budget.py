@@ -18,6 +18,7 @@ import grpc
 
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove_gateway.errors import BUDGET_RETRY_AFTER_S, ServiceError
+from bgremove_gateway.runtime import metrics
 
 # Peak bytes per input pixel from decode through encode (the upload is reserved separately), as
 # measured on large photos and rounded up for headroom (docs/decisions/code-memory.md).
@@ -71,6 +72,7 @@ class Ticket:
         with a._lock:
             if a.streams >= a.max_concurrent_streams:
                 a.refused += 1
+                metrics.admission_refused("streams")
                 raise ServiceError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"too many concurrent streams: {a.streams} open, the limit is "
@@ -91,6 +93,7 @@ class Ticket:
         a = self._admission
         if self._bytes + nbytes > a.memory_budget_bytes:
             a.refused += 1
+            metrics.admission_refused("never_fits")
             raise ServiceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{what} needs about {self._bytes + nbytes} bytes of gateway memory, more than "
@@ -104,6 +107,7 @@ class Ticket:
             self._refuse_if_never_fits(nbytes, what)
             if a.reserved_bytes + nbytes > a.memory_budget_bytes:
                 a.refused += 1
+                metrics.admission_refused("memory")
                 raise ServiceError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"the gateway is at its memory budget: {what} needs {nbytes} bytes, "

