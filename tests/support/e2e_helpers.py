@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import io
-from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
@@ -17,21 +15,7 @@ from PIL import ExifTags, Image, ImageCms
 
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
-
-
-def upload_messages(
-    data: bytes, content_type: str, options: pb.Options | None = None, chunk: int = 64 * 1024
-) -> Iterator[pb.UploadRequest]:
-    yield pb.UploadRequest(
-        header=pb.UploadHeader(
-            content_type=content_type,
-            total_size=len(data),
-            sha256=hashlib.sha256(data).digest(),
-            options=options or pb.Options(),
-        )
-    )
-    for i in range(0, len(data), chunk):
-        yield pb.UploadRequest(chunk=data[i : i + chunk])
+from bgremove_gateway.tools.load import upload_messages as upload_messages  # the bench's own
 
 
 def stream_remove(
