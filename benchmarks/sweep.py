@@ -1,9 +1,9 @@
-"""The standard sweep: image sizes 0.3/1/4/12 MP x concurrency 1/4/16, service vs Triton vs model.
+"""The standard sweep: models x image sizes 0.3/1/4/12 MP x concurrency 1/4/16, service vs Triton vs model.
 
 Starts its own gateway with an embedded Triton on free loopback ports (so "Triton direct" is the
 same Triton the gateway uses), runs `bgremove bench` for every cell, and writes a Markdown table:
 
-    .venv/bin/python benchmarks/sweep.py [--requests N] [--out benchmarks/results/latest.md]
+    .venv/bin/python benchmarks/sweep.py [--models u2netp u2net] [--requests N] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -51,10 +51,12 @@ def wait_serving(target: str, proc: subprocess.Popen[bytes], timeout_s: float = 
     raise SystemExit("gateway not SERVING in time")
 
 
-def bench(target: str, triton: str, images: Path, concurrency: int, requests: int) -> dict:
+def bench(target: str, triton: str, images: Path, concurrency: int, requests: int, model: str) -> dict:
     cmd = [
         BGREMOVE,
         "bench",
+        "--model",
+        model,
         "--target",
         target,
         "--triton-url",
@@ -76,6 +78,7 @@ def bench(target: str, triton: str, images: Path, concurrency: int, requests: in
 
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["u2netp", "u2net"])
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--sizes", type=float, nargs="+", default=list(SIZES_MP))
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
@@ -104,16 +107,15 @@ def main() -> int:
     rows = []
     try:
         wait_serving(target, proc)
-        for mp in ns.sizes:
-            for conc in ns.concurrency:
-                report = bench(target, f"127.0.0.1:{triton_port}", folders[mp], conc, ns.requests)
-                runs = {r["name"]: r for r in report["runs"]}
-                rows.append((mp, conc, runs, report["ratios"]))
-                throughputs = {k: v["throughput_per_s"] for k, v in runs.items()}
-                print(
-                    f"{mp:g} MP c={conc}: {json.dumps(throughputs)} {json.dumps(report['ratios'])}",
-                    flush=True,
-                )
+        for model in ns.models:
+            for mp in ns.sizes:
+                for conc in ns.concurrency:
+                    report = bench(target, f"127.0.0.1:{triton_port}", folders[mp], conc, ns.requests, model)
+                    runs = {r["name"]: r for r in report["runs"]}
+                    rows.append((model, mp, conc, runs, report["ratios"]))
+                    throughputs = {k: v["throughput_per_s"] for k, v in runs.items()}
+                    ratios = json.dumps(report["ratios"])
+                    print(f"{model} {mp:g} MP c={conc}: {json.dumps(throughputs)} {ratios}", flush=True)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -121,18 +123,18 @@ def main() -> int:
         f"# bgremove benchmark sweep, {dt.date.today().isoformat()}",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
-        f"{platform.python_version()}, CPU only (Triton Python backend + ONNX Runtime), U2-Net-P, "
-        "PNG output.",
+        f"{platform.python_version()}, CPU only (Triton Python backend + ONNX Runtime), PNG output.",
         f"{ns.requests} requests per cell; JPEG inputs from benchmarks/make_images.py.",
         "",
-        "| input | conc | service img/s | p50 ms | p95 ms | p99 ms | Triton img/s | Triton p50 ms "
+        "| model | input | conc | service img/s | p50 ms | p95 ms | p99 ms | Triton img/s | Triton p50 ms "
         "| model img/s | service/Triton | service/model | gateway added p50 ms | statuses |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for mp, conc, runs, ratios in rows:
+    for model, mp, conc, runs, ratios in rows:
         s, t, m = runs["service"], runs.get("triton", {}), runs.get("model", {})
         lines.append(
-            f"| {mp:g} MP | {conc} | {s['throughput_per_s']:.2f} | {s['p50_ms']:.0f} | {s['p95_ms']:.0f} "
+            f"| {model} | {mp:g} MP | {conc} | {s['throughput_per_s']:.2f} | {s['p50_ms']:.0f} "
+            f"| {s['p95_ms']:.0f} "
             f"| {s['p99_ms']:.0f} | {t.get('throughput_per_s', 0):.2f} | {t.get('p50_ms', 0):.0f} "
             f"| {m.get('throughput_per_s', '')} | {ratios.get('service_over_triton_throughput', '')} "
             f"| {ratios.get('service_over_model_throughput', '')} "

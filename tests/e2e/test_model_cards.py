@@ -1,5 +1,6 @@
 """A model added as data: a card and synthetic weights in a fresh repository, prepared by
-`bgremove prepare-models`, served by the gateway's embedded Triton and picked per request."""
+`bgremove prepare-models`, served by the gateway's embedded Triton and picked per request. It takes
+64x64 images, not U2-Net's 320: the gateway learns that from Triton and resizes to it."""
 
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ from e2e_helpers import iou, stream_remove
 from service_harness import BGREMOVE, GatewayProcess
 from synthetic_models import reference_mask, write_tiny_model
 
+TINY_SIZE = 64  # not MODEL_INPUT_SIZE: the gateway must learn it from Triton
+
 
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("cards") / "models"
-    write_tiny_model(repo)
+    write_tiny_model(repo, size=TINY_SIZE)
     done = subprocess.run(
         [BGREMOVE, "prepare-models", "--model-repository", str(repo), "--no-fetch"],
         capture_output=True,
@@ -55,7 +58,7 @@ def tiny_gateway(tiny_repo: Path) -> Iterator[GatewayProcess]:
 def test_the_carded_model_is_listed_ready(tiny_gateway: GatewayProcess) -> None:
     with grpc.insecure_channel(tiny_gateway.target) as channel:
         info = pb_grpc.BackgroundRemovalStub(channel).GetServiceInfo(pb.GetServiceInfoRequest(), timeout=10)
-    assert [(m.name, m.ready, m.input_size) for m in info.models] == [("tiny", True, 320)]
+    assert [(m.name, m.ready, m.input_size) for m in info.models] == [("tiny", True, TINY_SIZE)]
     assert info.default_model == "tiny"
 
 
@@ -73,7 +76,8 @@ def test_a_request_for_the_carded_model_returns_its_mask(
 
     # The card's pipeline in numpy on the original weights, upsampled as the gateway does.
     session = ort.InferenceSession(str(tiny_repo / "tiny/tiny.onnx"), providers=["CPUExecutionProvider"])
-    small = reference_mask(session, to_model_input(photo))
+    small = reference_mask(session, to_model_input(photo, TINY_SIZE))
+    assert small.shape == (TINY_SIZE, TINY_SIZE)
     expected = np.asarray(mask_to_alpha(small, photo.size))
     assert np.abs(mask.astype(int) - expected.astype(int)).mean() < 1.0
     assert iou(mask >= 128, expected >= 128) >= 0.99

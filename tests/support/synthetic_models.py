@@ -72,14 +72,15 @@ def tiny_card(weights_md5: str, **overrides: object) -> dict[str, object]:
     return card
 
 
-def write_tiny_model(repo: Path, **overrides: object) -> Path:
-    """<repo>/tiny/ with synthetic weights (tiny.onnx) and a card (model.json) naming them; the
-    folder `prepare-models` turns into a servable model. Returns the card's path."""
+def write_tiny_model(repo: Path, *, size: int = SIZE, **overrides: object) -> Path:
+    """<repo>/tiny/ with synthetic weights (tiny.onnx) taking `size`x`size` images and a card
+    (model.json) naming them; the folder `prepare-models` turns into a servable model. Returns the
+    card's path."""
     folder = repo / "tiny"
     folder.mkdir(parents=True, exist_ok=True)
-    weights = synthetic_u2net(folder / "tiny.onnx", input_name=TINY_INPUT)
+    weights = synthetic_u2net(folder / "tiny.onnx", input_name=TINY_INPUT, size=size)
     card = folder / "model.json"
-    card.write_text(json.dumps(tiny_card(md5(weights), **overrides), indent=2))
+    card.write_text(json.dumps(tiny_card(md5(weights), **{"input_size": size, **overrides}), indent=2))
     return card
 
 

@@ -4,8 +4,8 @@
 Used by configs/cpu.pbtxt. The GPU configs use Triton's onnxruntime backend on the same
 model.onnx instead, so this file is the CPU path only. u2net/1/model.py links here.
 
-The graph takes uint8 RGB [N, 320, 320, 3] and returns a uint8 mask [N, 320, 320]; all
-normalisation is inside it and per image, so requests can be batched freely.
+The graph takes uint8 RGB [N, S, S, 3] and returns a uint8 mask [N, S, S] (S: the card's
+input_size, 320 for U2-Net); all normalisation is inside it and per image, so requests can be batched freely.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -20,6 +20,7 @@ from opentelemetry import trace
 
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove_gateway.config import Settings
+from bgremove_gateway.pipeline.contract import MODEL_INPUT_SIZE
 from bgremove_gateway.pipeline.decode import decode
 from bgremove_gateway.pipeline.encode import encode
 from bgremove_gateway.pipeline.encode_pool import EncodePool
@@ -85,6 +86,12 @@ class Pipeline:
         self.inference = inference
         self.executor = executor
         self.models: Sequence[str] = (settings.default_model,)
+        # Each served model's input side, as Triton reports it (the server keeps it current).
+        self.input_sizes: Mapping[str, int] = {}
+
+    def input_size(self, model: str) -> int:
+        """The side `model`'s input is resized to: MODEL_INPUT_SIZE until Triton has said otherwise."""
+        return self.input_sizes.get(model, MODEL_INPUT_SIZE)
 
     async def _cpu(self, step: str, fn: Callable[[], T]) -> T:
         with tracer.start_as_current_span(step), metrics.timed_step(step):
@@ -142,7 +149,8 @@ class Pipeline:
         width, height = decoded.image.size
         trace.get_current_span().set_attribute("bgremove.image.pixels", width * height)
         metrics.observe_megapixels(width * height)
-        tensor = await self._cpu("preprocess", lambda: to_model_input(decoded.image))
+        size = self.input_size(model)
+        tensor = await self._cpu("preprocess", lambda: to_model_input(decoded.image, size))
         with tracer.start_as_current_span("infer", kind=trace.SpanKind.CLIENT), metrics.timed_step("infer"):
             mask = await self.inference.infer(model, tensor, timeout_s=timeout_s)
         cutout = await self._cpu(

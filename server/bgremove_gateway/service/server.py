@@ -275,6 +275,8 @@ class Gateway:
         self.state.reason = status.summary
         if status.models:
             pipeline.models = status.models
+            # A size once learnt outlives a failed metadata call: better than falling back to 320.
+            pipeline.input_sizes = {**pipeline.input_sizes, **dict(status.input_sizes)}
         await self._set_health(status.ready)
 
     async def _follow_pool(self, pipeline: Pipeline) -> None:

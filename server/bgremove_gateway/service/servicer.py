@@ -14,7 +14,6 @@ from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
 from bgremove_gateway import __version__
 from bgremove_gateway.access.log import Access as _Access
 from bgremove_gateway.errors import NOT_READY_RETRY_AFTER_S, ServiceError, abort
-from bgremove_gateway.pipeline.contract import MODEL_INPUT_SIZE
 from bgremove_gateway.pipeline.decode import SUPPORTED_CONTENT_TYPES
 from bgremove_gateway.pipeline.encode import OUTPUT_FORMATS
 from bgremove_gateway.pipeline.flow import Pipeline, Result
@@ -154,7 +153,9 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
         ready = set(self.state.models) if self.state.ready else set()
         served = sorted(set(self.pipeline.models) | ready)
         info = pb.GetServiceInfoResponse(
-            models=[pb.ModelInfo(name=m, input_size=MODEL_INPUT_SIZE, ready=m in ready) for m in served],
+            models=[
+                pb.ModelInfo(name=m, input_size=self.pipeline.input_size(m), ready=m in ready) for m in served
+            ],
             default_model=settings.default_model,
             limits=pb.Limits(
                 max_upload_bytes=lim.max_upload_bytes,

@@ -3,8 +3,9 @@
 Each request is its own infer call; Triton's dynamic batcher merges concurrent calls, so the
 gateway never batches by itself (that would make one caller wait on another's upload).
 
-The gateway calls only Triton's health, statistics and inference APIs. Where Triton restricts
-some of them (`--grpc-restricted-protocol`), the gateway is given the key and sends it on every call.
+The gateway calls only Triton's health, metadata, statistics and inference APIs. Where Triton
+restricts some of them (`--grpc-restricted-protocol`), the gateway is given the key and sends it on
+every call.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +26,7 @@ from opentelemetry import propagate, trace
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from bgremove_gateway.errors import OVERLOAD_RETRY_AFTER_S, ServiceError
-from bgremove_gateway.pipeline.contract import INPUT_DTYPE, INPUT_NAME, OUTPUT_NAME
+from bgremove_gateway.pipeline.contract import INPUT_CHANNELS, INPUT_DTYPE, INPUT_NAME, OUTPUT_NAME
 
 log = logging.getLogger("bgremove.infer")
 
@@ -136,6 +138,24 @@ def _to_infer_error(exc: InferenceServerException, url: str) -> InferError:
     )
 
 
+def _input_side(metadata: Mapping[str, Any]) -> int | None:
+    """S from model metadata whose `image` input is [-1, S, S, 3] (the JSON form gives int64 dims as
+    strings); None for anything else."""
+    for entry in metadata.get("inputs", []):
+        if entry.get("name") != INPUT_NAME:
+            continue
+        try:
+            dims = [int(d) for d in entry.get("shape", [])]
+        except (TypeError, ValueError):
+            return None
+        # With max_batch_size > 0 Triton reports the batch as -1; without batching it is absent.
+        side = dims[-3:]
+        if len(side) == 3 and side[0] == side[1] > 0 and side[2] == INPUT_CHANNELS:
+            return side[0]
+        return None
+    return None
+
+
 class TritonInference:
     """An async Triton client for one endpoint. Create one per event loop and reuse it.
 
@@ -201,6 +221,37 @@ class TritonInference:
         except InferenceServerException as exc:
             return [], short_reason(exc.message() or str(exc))
         return [m for m, ok in zip(loaded, ready, strict=True) if ok is True], ""
+
+    async def input_sizes(
+        self, models: Sequence[str], *, timeout_s: float | None = None
+    ) -> tuple[dict[str, int], dict[str, str]]:
+        """Each model's square input side from its metadata (`image`: [-1, S, S, 3]), as
+        ({model: S}, {model: why not}) for those whose metadata cannot be had or read."""
+        found = await asyncio.gather(
+            *(
+                self._client.get_model_metadata(
+                    m, as_json=True, headers=self._headers, client_timeout=timeout_s
+                )
+                for m in models
+            ),
+            return_exceptions=True,
+        )
+        sizes: dict[str, int] = {}
+        problems: dict[str, str] = {}
+        for model, meta in zip(models, found, strict=True):
+            if isinstance(meta, InferenceServerException):
+                problems[model] = short_reason(meta.message() or str(meta))
+            elif isinstance(meta, Exception):
+                problems[model] = str(meta) or type(meta).__name__  # never fatal to the probe loop
+            elif isinstance(meta, BaseException):
+                raise meta
+            elif (size := _input_side(meta)) is None:
+                problems[model] = (
+                    f"its metadata has no {INPUT_NAME!r} input of shape [N, S, S, {INPUT_CHANNELS}]"
+                )
+            else:
+                sizes[model] = size
+        return sizes, problems
 
     async def ready_models(self, *, timeout_s: float | None = None) -> list[str]:
         """Models Triton has loaded and reports READY; empty when Triton cannot be reached."""

@@ -47,6 +47,8 @@ from bgremove_gateway.pipeline.contract import (
     INPUT_CHANNELS,
     INPUT_DTYPE,
     INPUT_NAME,
+    MAX_INPUT_SIZE,
+    MIN_INPUT_SIZE,
     MODEL_INPUT_SIZE,
     OUTPUT_DTYPE,
     OUTPUT_NAME,
@@ -340,14 +342,8 @@ def load_card(path: Path) -> ModelCard:
     # Triton names a model after its folder; a card that says otherwise is a copy-paste slip.
     if name != path.parent.name:
         raise r.fail("name", f"{name!r} must be the model folder's name, {path.parent.name!r}")
-    size = r.integer(obj.get("input_size", MODEL_INPUT_SIZE), "input_size")
-    if size != MODEL_INPUT_SIZE:
-        raise r.fail(
-            "input_size",
-            f"{size} is not supported: the gateway resizes every image to {MODEL_INPUT_SIZE}x"
-            f"{MODEL_INPUT_SIZE} (MODEL_INPUT_SIZE in pipeline/contract.py), so only "
-            f"{MODEL_INPUT_SIZE} is accepted for now",
-        )
+    # Any square side in range: the gateway learns each served model's from Triton.
+    size = r.integer(obj.get("input_size", MODEL_INPUT_SIZE), "input_size", MIN_INPUT_SIZE, MAX_INPUT_SIZE)
     licences = obj["licences"]
     if not isinstance(licences, list) or not licences:
         raise r.fail("licences", f"must be a non-empty list of strings, got {licences!r}")

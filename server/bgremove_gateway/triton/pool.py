@@ -29,6 +29,7 @@ import numpy.typing as npt
 from opentelemetry import trace
 
 from bgremove_gateway.errors import NOT_READY_RETRY_AFTER_S, ServiceError
+from bgremove_gateway.pipeline.contract import MODEL_INPUT_SIZE
 from bgremove_gateway.runtime import metrics
 from bgremove_gateway.triton.client import Failure, InferError, TritonInference
 from bgremove_gateway.triton.replica import ReplicaState, pick
@@ -56,6 +57,8 @@ class PoolStatus:
     ready: bool
     models: tuple[str, ...]
     summary: str
+    # (model, input side) for the ready models whose side Triton's metadata gave, by name.
+    input_sizes: tuple[tuple[str, int], ...] = ()
 
 
 class TritonPool:
@@ -90,6 +93,7 @@ class TritonPool:
         self._last_resolve = 0.0
         self.changed = asyncio.Event()
         self._status = PoolStatus(False, (), "no Triton replica probed yet")
+        self._size_warned: set[tuple[str, str]] = set()  # (replica, model) whose size is unknown
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -135,7 +139,9 @@ class TritonPool:
             summary = f"no Triton replica: {names} resolved to no address"
         elif down:
             summary += "; down: " + ", ".join(down)
-        status = PoolStatus(bool(serving), tuple(models), summary)
+        # Replicas serve the same repository, so they agree; if one does not, the last one wins.
+        sizes = {m: n for s in states if not s.ejected for m, n in s.input_sizes.items()}
+        status = PoolStatus(bool(serving), tuple(models), summary, tuple(sorted(sizes.items())))
         if status != self._status:
             self.changed.set()
         self._status = status
@@ -193,13 +199,37 @@ class TritonPool:
             await asyncio.sleep(self.probe_interval_s)
             await self.probe_all()
 
+    async def _probe(self, member: _Member) -> tuple[list[str], str, dict[str, int]]:
+        """One replica's READY models, and the input sizes of those newly ready or still unknown."""
+        models, error = await member.client.probe(timeout_s=self.probe_timeout_s)
+        wanted = [] if error else member.state.sizes_wanted(models)
+        if not wanted:
+            return models, error, {}
+        sizes, problems = await member.client.input_sizes(wanted, timeout_s=self.probe_timeout_s)
+        for model, why in problems.items():
+            # Warned once per model and replica: it is asked again at every probe until it answers.
+            if (member.state.address, model) not in self._size_warned:
+                self._size_warned.add((member.state.address, model))
+                log.warning(
+                    "cannot learn %s's input size from Triton %s (%s): images for it are resized to "
+                    "%d until it can",
+                    model,
+                    member.state.address,
+                    why,
+                    MODEL_INPUT_SIZE,
+                )
+        for model in sizes:
+            self._size_warned.discard((member.state.address, model))
+        return models, error, sizes
+
     async def probe_all(self) -> None:
-        """One health probe of every replica (is_server_ready + READY models), all at once."""
+        """One health probe of every replica (is_server_ready + READY models, and the input size of
+        each model that became ready), all at once."""
         members = [m for m in self._members.values() if not m.state.retiring]
-        results = await asyncio.gather(*(m.client.probe(timeout_s=self.probe_timeout_s) for m in members))
+        results = await asyncio.gather(*(self._probe(m) for m in members))
         now = time.monotonic()
-        for member, (models, error) in zip(members, results, strict=True):
-            change = member.state.on_probe(models, error, now)
+        for member, (models, error, sizes) in zip(members, results, strict=True):
+            change = member.state.on_probe(models, error, now, sizes)
             if change == "ejected":
                 log.warning("Triton replica %s ejected: %s", member.state.address, member.state.reason)
             elif change == "readmitted":
@@ -212,6 +242,7 @@ class TritonPool:
         if member is not None:
             member.state.eject(reason, time.monotonic())
             member.state.ready_models = frozenset()
+            member.state.input_sizes = {}
             log.warning("Triton replica %s ejected: %s", address, reason)
             self._publish()
 

@@ -11,7 +11,7 @@ less often instead of every probe interval.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from bgremove_gateway.triton.client import Failure
@@ -36,6 +36,8 @@ class ReplicaState:
     latency_s: float = INITIAL_LATENCY_S
     error_rate: float = 0.0
     ready_models: frozenset[str] = frozenset()
+    # Each ready model's input side, from its Triton metadata; absent while unknown.
+    input_sizes: dict[str, int] = field(default_factory=dict)
     # A replica is out until its first probe passes: nothing is sent to an endpoint never seen up.
     ejected: bool = True
     ejected_until: float = 0.0
@@ -84,10 +86,19 @@ class ReplicaState:
         self.ejected = True
         self.reason = reason
 
-    def on_probe(self, models: Iterable[str], error: str, now: float) -> str | None:
-        """Applies one health probe; returns "ejected" or "readmitted" when that changed."""
+    def sizes_wanted(self, models: Iterable[str]) -> list[str]:
+        """Of the models a probe found ready, those whose input size to ask Triton for: new to this
+        replica since its last probe (a reload may have changed it) or still unknown."""
+        return [m for m in models if m not in self.ready_models or m not in self.input_sizes]
+
+    def on_probe(
+        self, models: Iterable[str], error: str, now: float, sizes: Mapping[str, int] | None = None
+    ) -> str | None:
+        """Applies one health probe (and the input sizes learnt with it); returns "ejected" or
+        "readmitted" when that changed."""
         if error:
             self.ready_models = frozenset()
+            self.input_sizes = {}
             if not self.ejected:
                 self.eject(f"health check failed: {error}", now)
                 return "ejected"
@@ -97,6 +108,8 @@ class ReplicaState:
             # more than the "connection refused" every probe of a dead replica gets.
             return None
         self.ready_models = frozenset(models)
+        kept = {m: n for m, n in self.input_sizes.items() if m in self.ready_models}
+        self.input_sizes = kept | {m: n for m, n in (sizes or {}).items() if m in self.ready_models}
         if self.ejected and now >= self.ejected_until:
             self.ejected = False
             self.consecutive_failures = 0

@@ -39,6 +39,15 @@ def test_mask_to_alpha_resizes_to_the_input_size() -> None:
     assert (values[:, :480] == 0).all() and (values[:, 520:] == 255).all()
 
 
+@pytest.mark.parametrize("side", [64, 160, 1024])
+def test_mask_to_alpha_takes_any_model_size(side: int) -> None:
+    mask = np.zeros((side, side), dtype=np.uint8)
+    mask[:, side // 2 :] = 255
+    values = array(mask_to_alpha(mask, (1000, 250)))
+    assert values.shape == (250, 1000)
+    assert (values[:, :480] == 0).all() and (values[:, 520:] == 255).all()
+
+
 @pytest.mark.parametrize("size", [(517, 211), (1226, 816), (4000, 3000)])
 def test_mask_to_alpha_keeps_an_edge_where_it_is(size: tuple[int, int]) -> None:
     # A vertical edge halfway across the mask (and a horizontal one halfway down) must stay

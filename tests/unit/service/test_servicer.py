@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import cv2
 import grpc
 import numpy as np
 import numpy.typing as npt
@@ -51,16 +52,23 @@ class FixedMask:
         self.hold: asyncio.Event | None = None
         self.started = asyncio.Event()
         self.calls = 0
+        self.sizes: dict[str, int] = {}  # models with another input side than MODEL_INPUT_SIZE
 
     async def infer(
         self, model: str, image: npt.NDArray[np.uint8], *, timeout_s: float | None = None
     ) -> npt.NDArray[np.uint8]:
-        assert image.shape == (MODEL_INPUT_SIZE, MODEL_INPUT_SIZE, 3) and image.dtype == np.uint8
+        side = self.sizes.get(model, MODEL_INPUT_SIZE)
+        assert image.shape == (side, side, 3) and image.dtype == np.uint8
         self.calls += 1
         self.started.set()
         if self.hold is not None:
             await self.hold.wait()
-        return self.mask
+        # The same centred square at the model's own size.
+        return (
+            self.mask
+            if side == MODEL_INPUT_SIZE
+            else cv2.resize(self.mask, (side, side), interpolation=cv2.INTER_NEAREST)
+        )
 
 
 class AccessLines(logging.Handler):
@@ -83,6 +91,7 @@ class Service:
     model: FixedMask
     access: AccessLines
     trims: list[int] = field(default_factory=list)
+    pipeline: Pipeline | None = None
 
     async def settled(self) -> None:
         """Waits until every call has released what it held (the release runs as the call ends,
@@ -118,7 +127,14 @@ async def service() -> AsyncIterator[Service]:
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 yield Service(
-                    pb_grpc.BackgroundRemovalStub(channel), state, budget, idle, model, access, trims
+                    pb_grpc.BackgroundRemovalStub(channel),
+                    state,
+                    budget,
+                    idle,
+                    model,
+                    access,
+                    trims,
+                    pipeline,
                 )
         finally:
             await server.stop(None)
@@ -237,6 +253,32 @@ async def test_service_info_reports_the_models_the_limits_and_the_formats(servic
     service.state.ready = False
     info = await service.stub.GetServiceInfo(pb.GetServiceInfoRequest())
     assert [(m.name, m.ready) for m in info.models] == [("u2netp", False)]
+
+
+async def test_each_model_gets_images_at_the_input_size_triton_reports(service: Service) -> None:
+    """A model whose Triton metadata says 64 gets 64x64 images and its 64x64 mask becomes a full-size
+    matte; GetServiceInfo reports each model's own size."""
+    assert service.pipeline is not None
+    service.state.models = ["tiny", "u2netp"]
+    service.pipeline.models = ("tiny", "u2netp")
+    service.pipeline.input_sizes = {"tiny": 64}
+    service.model.sizes = {"tiny": 64}
+    info = await service.stub.GetServiceInfo(pb.GetServiceInfoRequest())
+    assert [(m.name, m.input_size, m.ready) for m in info.models] == [
+        ("tiny", 64, True),
+        ("u2netp", MODEL_INPUT_SIZE, True),
+    ]
+    for model in ("tiny", "u2netp"):
+        options = pb.Options(format=pb.OUTPUT_FORMAT_MASK, model=model)
+        request = pb.RemoveBackgroundRequest(image=PHOTO, content_type="image/jpeg", options=options)
+        response = await service.stub.RemoveBackground(request)
+        assert response.header.model == model
+        with Image.open(io.BytesIO(response.image)) as image:
+            assert (image.mode, image.size) == ("L", (400, 300))
+            matte = np.asarray(image)
+        # The centred square, wherever the mask came from.
+        assert matte[150, 200] == 255 and matte[5, 5] == 0
+    assert service.model.calls == 2
 
 
 # --- refusals -------------------------------------------------------------------------------------

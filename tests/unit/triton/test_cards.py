@@ -136,6 +136,31 @@ def test_card_settings_drive_the_graph(
         assert np.abs(got[i].astype(int) - expected.astype(int)).max() <= 1, f"image {i}"
 
 
+def test_a_card_with_another_input_size_builds_a_graph_and_configs_of_that_size(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    write_tiny_model(repo, size=64)
+    (prepared,) = prepare_models(repo, fetch=False)
+    assert load_card(repo / "tiny/model.json").input_size == 64
+    configs = {name: _config(repo / "tiny/configs" / f"{name}.pbtxt") for name in CONFIG_NAMES}
+    for config in configs.values():
+        assert [(i.name, list(i.dims)) for i in config.input] == [(INPUT_NAME, [64, 64, 3])]
+        assert [list(o.dims) for o in config.output] == [[64, 64]]
+        assert {tuple(i.dims) for w in config.model_warmup for i in w.inputs.values()} == {(64, 64, 3)}
+    (accelerator,) = configs["gpu-tensorrt"].optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.parameters["trt_profile_max_shapes"] == "image:16x64x64x3"
+
+    served = _session(prepared.path)
+    (graph_in,), (graph_out,) = served.get_inputs(), served.get_outputs()
+    assert graph_in.shape[1:] == [64, 64, 3] and graph_out.shape[1:] == [64, 64]
+    original = _session(repo / "tiny/tiny.onnx")
+    pixels = np.random.default_rng(2).integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8)
+    got = served.run(None, {INPUT_NAME: pixels})[0]
+    assert got.shape == (2, 64, 64) and got.dtype == np.uint8
+    for i in range(len(pixels)):
+        expected = reference_mask(original, pixels[i])
+        assert np.abs(got[i].astype(int) - expected.astype(int)).max() <= 1, f"image {i}"
+
+
 def test_preparation_is_idempotent_and_a_card_edit_rebuilds(repo: Path) -> None:
     (first,) = prepare_models(repo, fetch=False)
     configs = sorted((repo / "tiny/configs").iterdir())
@@ -184,6 +209,7 @@ def test_wrong_weights_are_refused_with_both_checksums(repo: Path) -> None:
         ({"mask_output": 9}, r"mask_output 9 is out of range: the network has 7 outputs"),
         ({"mask_output": "nope"}, r"mask_output 'nope' is not an output"),
         ({"input_name": "input.1"}, r"input_name is 'input.1' but the network's input is 'pixels.in'"),
+        ({"input_size": 64}, r"input 'pixels.in' must be float32 \[1, 3, 64, 64\], got \[1, 3, 320, 320\]"),
     ],
 )
 def test_a_card_that_does_not_fit_the_network_is_refused(
@@ -254,7 +280,8 @@ _DELETE = object()
         ("sha256", "abc", "does not match"),
         ("name", "other", "must be the model folder's name, 'tiny'"),
         ("colour", "blue", "unknown field"),
-        ("input_size", 1024, "1024 is not supported: the gateway resizes every image to 320x320"),
+        ("input_size", 4096, "must be between 64 and 2048, got 4096"),
+        ("input_size", 32, "must be between 64 and 2048, got 32"),
         ("input_size", "320", "must be an integer"),
         ("licences", [], "non-empty list"),
         ("normalise.mean", [0.5, 0.5], "list of 3 numbers"),

@@ -263,6 +263,16 @@ class _RecordingTriton(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         stats = [service_pb2.ModelStatistics(name=n, version="1") for n in ("u2net", "u2netp")]
         return service_pb2.ModelStatisticsResponse(model_stats=stats)
 
+    async def ModelMetadata(self, request: Any, context: Any) -> service_pb2.ModelMetadataResponse:
+        self._record(f"ModelMetadata {request.name}", context)
+        shapes = {"u2netp": [-1, 320, 320, 3], "isnet": [-1, 1024, 1024, 3], "odd": [-1, 320, 160, 3]}
+        if request.name not in shapes:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"Request for unknown model: '{request.name}'")
+        image = service_pb2.ModelMetadataResponse.TensorMetadata(
+            name="image", datatype="UINT8", shape=shapes[request.name]
+        )
+        return service_pb2.ModelMetadataResponse(name=request.name, inputs=[image])
+
     async def RepositoryIndex(self, request: Any, context: Any) -> None:
         self._record("RepositoryIndex", context)
         await context.abort(grpc.StatusCode.UNAVAILABLE, "This protocol is restricted")
@@ -299,6 +309,21 @@ async def test_probe_needs_no_restricted_api_and_sends_a_configured_key(
     for name, metadata in servicer.calls:
         sent = metadata.get(f"triton-grpc-protocol-{ADMIN_HEADER}")
         assert sent == key, name
+
+
+async def test_input_sizes_come_from_model_metadata(recording_triton: tuple[str, _RecordingTriton]) -> None:
+    url, servicer = recording_triton
+    client = TritonInference(url, admin_key="s3cret-Key_1")
+    try:
+        sizes, problems = await client.input_sizes(["u2netp", "isnet", "odd", "gone"], timeout_s=5)
+    finally:
+        await client.close()
+    assert sizes == {"u2netp": 320, "isnet": 1024}
+    assert set(problems) == {"odd", "gone"}
+    assert "no 'image' input of shape [N, S, S, 3]" in problems["odd"]
+    assert "unknown model" in problems["gone"]
+    for name, metadata in servicer.calls:
+        assert metadata.get(f"triton-grpc-protocol-{ADMIN_HEADER}") == "s3cret-Key_1", name
 
 
 @pytest.fixture

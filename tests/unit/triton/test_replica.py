@@ -134,3 +134,18 @@ def test_excluded_and_retiring_replicas_are_skipped() -> None:
     assert pick([a, b], MODEL, frozenset({"a:1", "b:1"})) is None
     b.retiring = True
     assert pick([a, b], MODEL) is a
+
+
+def test_input_sizes_are_asked_for_newly_ready_models_and_dropped_with_them() -> None:
+    state = ReplicaState("a:1", "a:1")
+    assert state.sizes_wanted([MODEL, "tiny"]) == [MODEL, "tiny"]
+    assert state.on_probe([MODEL, "tiny"], "", 0.0, {MODEL: 320, "tiny": 1024, "gone": 64}) == "readmitted"
+    assert state.input_sizes == {MODEL: 320, "tiny": 1024}
+    assert state.sizes_wanted([MODEL, "tiny"]) == []
+    # A model unloaded and loaded again is asked again: its new version may take another size.
+    state.on_probe([MODEL], "", 1.0)
+    assert state.input_sizes == {MODEL: 320}
+    assert state.sizes_wanted([MODEL, "tiny"]) == ["tiny"]
+    # A failed probe forgets them all.
+    state.on_probe([], "Server exiting", 2.0)
+    assert state.input_sizes == {} and state.sizes_wanted([MODEL]) == [MODEL]
