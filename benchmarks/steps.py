@@ -23,18 +23,13 @@ import numpy.typing as npt
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove_gateway.config import Limits
 from bgremove_gateway.pipeline.decode import decode
+from bgremove_gateway.pipeline.encode import OUTPUT_FORMATS as FORMATS
 from bgremove_gateway.pipeline.encode import encode
 from bgremove_gateway.pipeline.postprocess import compose, mask_to_alpha
 from bgremove_gateway.pipeline.preprocess import to_model_input
 from bgremove_gateway.runtime.memory import configure_allocator
 
 T = TypeVar("T")
-FORMATS = {
-    "png": pb.OUTPUT_FORMAT_PNG,
-    "webp": pb.OUTPUT_FORMAT_WEBP,
-    "mask": pb.OUTPUT_FORMAT_MASK,
-    "jpeg": pb.OUTPUT_FORMAT_JPEG,
-}
 
 
 def timed(fn: Callable[[], T], n: int) -> tuple[T, float]:

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -27,15 +25,11 @@ from skimage import data as skdata
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
 from bgremove_gateway.access.keys import KeyLimits, new_key, write_keys
+from bgremove_gateway.pipeline.encode import OUTPUT_FORMATS as FORMATS
 from e2e_helpers import jpeg_bytes, upload_messages
+from load_helpers import children
 from service_harness import GatewayProcess, OtlpReceiver
 
-FORMATS = {
-    "png": pb.OUTPUT_FORMAT_PNG,
-    "webp": pb.OUTPUT_FORMAT_WEBP,
-    "mask": pb.OUTPUT_FORMAT_MASK,
-    "jpeg": pb.OUTPUT_FORMAT_JPEG,
-}
 RESULT_CHUNK = 16 * 1024
 UPLOAD_CHUNK = 32 * 1024
 PHOTO = jpeg_bytes(np.asarray(Image.fromarray(skdata.astronaut()).resize((1024, 1024))), quality=92)
@@ -228,19 +222,6 @@ POINTS: dict[str, Scenario] = {
 }
 
 
-def _children(pid: int) -> set[int]:
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.add(int(entry))
-    return found
-
-
 async def _eventually(check: Callable[[], bool], timeout_s: float) -> bool:
     for _ in range(int(timeout_s / 0.05)):
         if check():
@@ -274,7 +255,7 @@ async def test_a_caller_walking_away_at_any_point_ends_only_its_own_call(variant
     gw = variant.gateway
     assert gw.proc is not None
     pid = gw.proc.pid
-    workers = _children(pid)
+    workers = set(children(pid))
     code = FORMATS[fmt]
     for name, scenario in POINTS.items():
         accessed = len(ACCESS.findall(gw.log_text()))
@@ -291,7 +272,7 @@ async def test_a_caller_walking_away_at_any_point_ends_only_its_own_call(variant
         await _admission_back_to_zero(gw)
         assert gw.proc.poll() is None, f"gateway died at {name}:\n" + gw.log_text()[-4000:]
         assert gw.health() == health_pb2.HealthCheckResponse.SERVING, name
-        assert _children(pid) == workers, f"worker processes changed at {name}"
+        assert set(children(pid)) == workers, f"worker processes changed at {name}"
         result = await _ordinary_call(gw.target, variant.metadata, code)
         assert result, name
         if fmt in ("png", "webp", "mask"):

@@ -107,6 +107,20 @@ def test_the_client_install_has_none_of_the_server(client_venv: Venv) -> None:
     assert done.stdout.strip() == "", f"importable in the client venv: {done.stdout.strip()}"
 
 
+def _remove(
+    venv: Venv, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`bgremove remove ARGS` from the client-only venv, as a user's shell would run it."""
+    return subprocess.run(
+        [venv.bgremove, "remove", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env if env is not None else _clean_env(),
+        cwd=cwd,
+    )
+
+
 def test_help_lists_remove_and_server_commands_say_what_is_missing(client_venv: Venv) -> None:
     helped = subprocess.run(
         [client_venv.bgremove, "--help"], capture_output=True, text=True, timeout=60, env=_clean_env()
@@ -124,21 +138,8 @@ def test_help_lists_remove_and_server_commands_say_what_is_missing(client_venv: 
 def test_client_venv_removes_a_background(client_venv: Venv, gateway: GatewayProcess, tmp_path: Path) -> None:
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(jpeg_bytes(skdata.astronaut()))
-    out = subprocess.run(
-        [
-            client_venv.bgremove,
-            "remove",
-            str(photo),
-            "-o",
-            str(tmp_path / "out.png"),
-            "--target",
-            gateway.target,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=_clean_env(),
-        cwd=tmp_path,
+    out = _remove(
+        client_venv, str(photo), "-o", str(tmp_path / "out.png"), "--target", gateway.target, cwd=tmp_path
     )
     assert out.returncode == 0, out.stderr
     assert out.stderr == ""
@@ -152,19 +153,9 @@ def test_without_the_tracing_extra_an_endpoint_costs_one_line(
 ) -> None:
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(jpeg_bytes(skdata.chelsea()))
-    out = subprocess.run(
-        [
-            client_venv.bgremove,
-            "remove",
-            str(photo),
-            "-o",
-            str(tmp_path / "out.webp"),
-            "--target",
-            gateway.target,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    out = _remove(
+        client_venv,
+        *(str(photo), "-o", str(tmp_path / "out.webp"), "--target", gateway.target),
         env=_clean_env(OTEL_EXPORTER_OTLP_ENDPOINT=otlp.endpoint),
         cwd=tmp_path,
     )
@@ -186,21 +177,7 @@ def test_client_venv_passes_on_what_the_server_says_a_file_is(
     notes.write_text("not an image at all")
     lines = []
     for source in (gif, notes):
-        out = subprocess.run(
-            [
-                client_venv.bgremove,
-                "remove",
-                str(source),
-                "-o",
-                str(tmp_path / "out.png"),
-                "--target",
-                gateway.target,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=_clean_env(),
-        )
+        out = _remove(client_venv, str(source), "-o", str(tmp_path / "out.png"), "--target", gateway.target)
         assert out.returncode == 1
         lines.extend(out.stderr.splitlines())
     supported = "supported: image/jpeg, image/png, image/webp"
@@ -222,13 +199,7 @@ def test_client_venv_refuses_an_output_name_that_contradicts_the_format(
         (["-o", str(tmp_path / "out.bmp")], ".bmp is not a format bgremove writes"),
         (["-o", str(tmp_path / "cut.jpg"), "--format", "png"], "does not match --format png"),
     ):
-        out = subprocess.run(
-            [client_venv.bgremove, "remove", str(photo), *args, "--target", "127.0.0.1:9"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=_clean_env(),
-        )
+        out = _remove(client_venv, str(photo), *args, "--target", "127.0.0.1:9")
         assert out.returncode == 2
         (line,) = out.stderr.splitlines()
         assert line.startswith("bgremove remove: error: ") and words in line

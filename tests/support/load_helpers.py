@@ -95,8 +95,8 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def children(pid: int, name: str) -> list[int]:
-    """Direct children of `pid` whose command is `name`."""
+def children(pid: int, name: str | None = None) -> list[int]:
+    """Direct children of `pid` whose command is `name` (None: all of them)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -106,6 +106,6 @@ def children(pid: int, name: str) -> list[int]:
         except OSError:
             continue
         command = stat[stat.index("(") + 1 : stat.rindex(")")]
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and command == name[:15]:
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and (name is None or command == name[:15]):
             found.append(int(entry))
     return found
