@@ -140,6 +140,9 @@ class OtlpReceiver:
         self._server.server_close()
 
 
+HEAD_LINES = 2000
+
+
 @dataclass
 class GatewayProcess:
     """`bgremove serve` in a subprocess; its stderr kept in memory for assertions."""
@@ -149,7 +152,9 @@ class GatewayProcess:
     port: int = field(default_factory=free_port)
     triton_grpc_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
-    lines: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=5000))
+    # The first lines (start-up) are kept whole; after them, the latest 5000.
+    head: list[str] = field(default_factory=list)
+    tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=5000))
     # Where health() asks: the serving port, or a plaintext --health-listen port when TLS is on.
     health_port: int | None = None
     # A command that runs the gateway (e.g. strace ... --); proc is then that command's process.
@@ -184,7 +189,12 @@ class GatewayProcess:
     def _pump(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
         for raw in self.proc.stderr:
-            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+            line = raw.decode(errors="replace").rstrip("\n")
+            (self.head if len(self.head) < HEAD_LINES else self.tail).append(line)
+
+    @property
+    def lines(self) -> list[str]:
+        return [*self.head, *self.tail]
 
     def health(self, service: str = "") -> int | None:
         """The health status, or None when the gateway does not answer."""
@@ -207,7 +217,7 @@ class GatewayProcess:
             if self.health() == health_pb2.HealthCheckResponse.SERVING:
                 return
             time.sleep(0.5)
-        raise RuntimeError("gateway not SERVING in time:\n" + "\n".join(list(self.lines)[-50:]))
+        raise RuntimeError("gateway not SERVING in time:\n" + "\n".join(self.lines[-50:]))
 
     @contextlib.contextmanager
     def serving(self, timeout_s: float = 240.0) -> Iterator[GatewayProcess]:

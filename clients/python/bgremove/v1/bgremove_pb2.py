@@ -24,41 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62gremove/v1/bgremove.proto\x12\x0b\x62gremove.v1\"(\n\x05\x43olor\x12\t\n\x01r\x18\x01 \x01(\r\x12\t\n\x01g\x18\x02 \x01(\r\x12\t\n\x01\x62\x18\x03 \x01(\r\"\xa5\x01\n\x07Options\x12)\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x19.bgremove.v1.OutputFormat\x12$\n\x08\x62g_color\x18\x02 \x01(\x0b\x32\x12.bgremove.v1.Color\x12\x0c\n\x04\x63rop\x18\x03 \x01(\x08\x12\x13\n\x0b\x63rop_margin\x18\x04 \x01(\r\x12\x17\n\x0fmax_output_side\x18\x05 \x01(\r\x12\r\n\x05model\x18\x06 \x01(\t\"o\n\x0cUploadHeader\x12\x14\n\x0c\x63ontent_type\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12%\n\x07options\x18\x04 \x01(\x0b\x32\x14.bgremove.v1.Options\"X\n\rUploadRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.bgremove.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"B\n\x0b\x42oundingBox\x12\t\n\x01x\x18\x01 \x01(\r\x12\t\n\x01y\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"\xb9\x01\n\x0cResultHeader\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12,\n\nforeground\x18\x04 \x01(\x0b\x32\x18.bgremove.v1.BoundingBox\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\r\n\x05model\x18\x06 \x01(\t\x12\x13\n\x0binput_width\x18\x07 \x01(\r\x12\x14\n\x0cinput_height\x18\x08 \x01(\r\"V\n\x0bResultChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.bgremove.v1.ResultHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"e\n\x17RemoveBackgroundRequest\x12\x14\n\x0c\x63ontent_type\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12%\n\x07options\x18\x03 \x01(\x0b\x32\x14.bgremove.v1.Options\"T\n\x18RemoveBackgroundResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.bgremove.v1.ResultHeader\x12\r\n\x05image\x18\x02 \x01(\x0c\"\x17\n\x15GetServiceInfoRequest\"<\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ninput_size\x18\x02 \x01(\r\x12\r\n\x05ready\x18\x03 \x01(\x08\"\xd8\x02\n\x06Limits\x12\x18\n\x10max_upload_bytes\x18\x01 \x01(\x04\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x04\x12\x12\n\nmax_pixels\x18\x03 \x01(\x04\x12\x17\n\x0fmax_unary_bytes\x18\x04 \x01(\x04\x12\x17\n\x0fidle_timeout_ms\x18\x05 \x01(\x04\x12\x1a\n\x12result_chunk_bytes\x18\x06 \x01(\x04\x12\x17\n\x0fmax_output_side\x18\x07 \x01(\r\x12\x17\n\x0fmax_crop_margin\x18\x08 \x01(\r\x12\x19\n\x11upload_timeout_ms\x18\t \x01(\x04\x12\x16\n\x0emax_jpeg_scans\x18\n \x01(\r\x12\x1a\n\x12max_image_segments\x18\x0b \x01(\r\x12\x1a\n\x12max_metadata_bytes\x18\x0c \x01(\x04\x12\x1c\n\x14max_jpeg_scan_pixels\x18\r \x01(\x04\"\xdd\x01\n\x16GetServiceInfoResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.bgremove.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\x12#\n\x06limits\x18\x03 \x01(\x0b\x32\x13.bgremove.v1.Limits\x12\x31\n\x0eoutput_formats\x18\x04 \x03(\x0e\x32\x19.bgremove.v1.OutputFormat\x12\x1b\n\x13input_content_types\x18\x05 \x03(\t\x12\x0f\n\x07version\x18\x06 \x01(\t*\x8c\x01\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_MASK\x10\x03\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x04\x32\xa3\x02\n\x11\x42\x61\x63kgroundRemoval\x12R\n\x16StreamRemoveBackground\x12\x1a.bgremove.v1.UploadRequest\x1a\x18.bgremove.v1.ResultChunk(\x01\x30\x01\x12_\n\x10RemoveBackground\x12$.bgremove.v1.RemoveBackgroundRequest\x1a%.bgremove.v1.RemoveBackgroundResponse\x12Y\n\x0eGetServiceInfo\x12\".bgremove.v1.GetServiceInfoRequest\x1a#.bgremove.v1.GetServiceInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62gremove/v1/bgremove.proto\x12\x0b\x62gremove.v1\"(\n\x05\x43olor\x12\t\n\x01r\x18\x01 \x01(\r\x12\t\n\x01g\x18\x02 \x01(\r\x12\t\n\x01\x62\x18\x03 \x01(\r\"2\n\x06Length\x12\x0c\n\x02px\x18\x01 \x01(\rH\x00\x12\x11\n\x07percent\x18\x02 \x01(\x02H\x00\x42\x07\n\x05value\"\x8c\x01\n\x06Region\x12\x1f\n\x02x1\x18\x01 \x01(\x0b\x32\x13.bgremove.v1.Length\x12\x1f\n\x02y1\x18\x02 \x01(\x0b\x32\x13.bgremove.v1.Length\x12\x1f\n\x02x2\x18\x03 \x01(\x0b\x32\x13.bgremove.v1.Length\x12\x1f\n\x02y2\x18\x04 \x01(\x0b\x32\x13.bgremove.v1.Length\"\x97\x01\n\x07Margins\x12 \n\x03top\x18\x01 \x01(\x0b\x32\x13.bgremove.v1.Length\x12\"\n\x05right\x18\x02 \x01(\x0b\x32\x13.bgremove.v1.Length\x12#\n\x06\x62ottom\x18\x03 \x01(\x0b\x32\x13.bgremove.v1.Length\x12!\n\x04left\x18\x04 \x01(\x0b\x32\x13.bgremove.v1.Length\"[\n\x08Position\x12)\n\tplacement\x18\x01 \x01(\x0e\x32\x16.bgremove.v1.Placement\x12\x11\n\tx_percent\x18\x02 \x01(\x02\x12\x11\n\ty_percent\x18\x03 \x01(\x02\"\xe0\x02\n\x07Options\x12)\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x19.bgremove.v1.OutputFormat\x12$\n\x08\x62g_color\x18\x02 \x01(\x0b\x32\x12.bgremove.v1.Color\x12\x0c\n\x04\x63rop\x18\x03 \x01(\x08\x12\x13\n\x0b\x63rop_margin\x18\x04 \x01(\r\x12\x17\n\x0fmax_output_side\x18\x05 \x01(\r\x12\r\n\x05model\x18\x06 \x01(\t\x12 \n\x03roi\x18\x07 \x01(\x0b\x32\x13.bgremove.v1.Region\x12\x15\n\rscale_percent\x18\x08 \x01(\x02\x12\'\n\x08position\x18\t \x01(\x0b\x32\x15.bgremove.v1.Position\x12\x10\n\x08\x62g_image\x18\n \x01(\x0c\x12\x19\n\x11max_output_pixels\x18\x0b \x01(\x04\x12*\n\x0c\x63rop_margins\x18\x0c \x01(\x0b\x32\x14.bgremove.v1.Margins\"o\n\x0cUploadHeader\x12\x14\n\x0c\x63ontent_type\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12%\n\x07options\x18\x04 \x01(\x0b\x32\x14.bgremove.v1.Options\"X\n\rUploadRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.bgremove.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"B\n\x0b\x42oundingBox\x12\t\n\x01x\x18\x01 \x01(\r\x12\t\n\x01y\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"\xb9\x01\n\x0cResultHeader\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12,\n\nforeground\x18\x04 \x01(\x0b\x32\x18.bgremove.v1.BoundingBox\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\r\n\x05model\x18\x06 \x01(\t\x12\x13\n\x0binput_width\x18\x07 \x01(\r\x12\x14\n\x0cinput_height\x18\x08 \x01(\r\"V\n\x0bResultChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.bgremove.v1.ResultHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"e\n\x17RemoveBackgroundRequest\x12\x14\n\x0c\x63ontent_type\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12%\n\x07options\x18\x03 \x01(\x0b\x32\x14.bgremove.v1.Options\"T\n\x18RemoveBackgroundResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.bgremove.v1.ResultHeader\x12\r\n\x05image\x18\x02 \x01(\x0c\"\x17\n\x15GetServiceInfoRequest\"<\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ninput_size\x18\x02 \x01(\r\x12\r\n\x05ready\x18\x03 \x01(\x08\"\xf4\x02\n\x06Limits\x12\x18\n\x10max_upload_bytes\x18\x01 \x01(\x04\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x04\x12\x12\n\nmax_pixels\x18\x03 \x01(\x04\x12\x17\n\x0fmax_unary_bytes\x18\x04 \x01(\x04\x12\x17\n\x0fidle_timeout_ms\x18\x05 \x01(\x04\x12\x1a\n\x12result_chunk_bytes\x18\x06 \x01(\x04\x12\x17\n\x0fmax_output_side\x18\x07 \x01(\r\x12\x17\n\x0fmax_crop_margin\x18\x08 \x01(\r\x12\x19\n\x11upload_timeout_ms\x18\t \x01(\x04\x12\x16\n\x0emax_jpeg_scans\x18\n \x01(\r\x12\x1a\n\x12max_image_segments\x18\x0b \x01(\r\x12\x1a\n\x12max_metadata_bytes\x18\x0c \x01(\x04\x12\x1c\n\x14max_jpeg_scan_pixels\x18\r \x01(\x04\x12\x1a\n\x12max_bg_image_bytes\x18\x0e \x01(\x04\"\xdd\x01\n\x16GetServiceInfoResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.bgremove.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\x12#\n\x06limits\x18\x03 \x01(\x0b\x32\x13.bgremove.v1.Limits\x12\x31\n\x0eoutput_formats\x18\x04 \x03(\x0e\x32\x19.bgremove.v1.OutputFormat\x12\x1b\n\x13input_content_types\x18\x05 \x03(\t\x12\x0f\n\x07version\x18\x06 \x01(\t*\xa3\x01\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_MASK\x10\x03\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x04\x12\x15\n\x11OUTPUT_FORMAT_ZIP\x10\x05*k\n\tPlacement\x12\x19\n\x15PLACEMENT_UNSPECIFIED\x10\x00\x12\x16\n\x12PLACEMENT_ORIGINAL\x10\x01\x12\x14\n\x10PLACEMENT_CENTER\x10\x02\x12\x15\n\x11PLACEMENT_PERCENT\x10\x03\x32\xa3\x02\n\x11\x42\x61\x63kgroundRemoval\x12R\n\x16StreamRemoveBackground\x12\x1a.bgremove.v1.UploadRequest\x1a\x18.bgremove.v1.ResultChunk(\x01\x30\x01\x12_\n\x10RemoveBackground\x12$.bgremove.v1.RemoveBackgroundRequest\x1a%.bgremove.v1.RemoveBackgroundResponse\x12Y\n\x0eGetServiceInfo\x12\".bgremove.v1.GetServiceInfoRequest\x1a#.bgremove.v1.GetServiceInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bgremove.v1.bgremove_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUTFORMAT']._serialized_start=1648
-  _globals['_OUTPUTFORMAT']._serialized_end=1788
+  _globals['_OUTPUTFORMAT']._serialized_start=2305
+  _globals['_OUTPUTFORMAT']._serialized_end=2468
+  _globals['_PLACEMENT']._serialized_start=2470
+  _globals['_PLACEMENT']._serialized_end=2577
   _globals['_COLOR']._serialized_start=43
   _globals['_COLOR']._serialized_end=83
-  _globals['_OPTIONS']._serialized_start=86
-  _globals['_OPTIONS']._serialized_end=251
-  _globals['_UPLOADHEADER']._serialized_start=253
-  _globals['_UPLOADHEADER']._serialized_end=364
-  _globals['_UPLOADREQUEST']._serialized_start=366
-  _globals['_UPLOADREQUEST']._serialized_end=454
-  _globals['_BOUNDINGBOX']._serialized_start=456
-  _globals['_BOUNDINGBOX']._serialized_end=522
-  _globals['_RESULTHEADER']._serialized_start=525
-  _globals['_RESULTHEADER']._serialized_end=710
-  _globals['_RESULTCHUNK']._serialized_start=712
-  _globals['_RESULTCHUNK']._serialized_end=798
-  _globals['_REMOVEBACKGROUNDREQUEST']._serialized_start=800
-  _globals['_REMOVEBACKGROUNDREQUEST']._serialized_end=901
-  _globals['_REMOVEBACKGROUNDRESPONSE']._serialized_start=903
-  _globals['_REMOVEBACKGROUNDRESPONSE']._serialized_end=987
-  _globals['_GETSERVICEINFOREQUEST']._serialized_start=989
-  _globals['_GETSERVICEINFOREQUEST']._serialized_end=1012
-  _globals['_MODELINFO']._serialized_start=1014
-  _globals['_MODELINFO']._serialized_end=1074
-  _globals['_LIMITS']._serialized_start=1077
-  _globals['_LIMITS']._serialized_end=1421
-  _globals['_GETSERVICEINFORESPONSE']._serialized_start=1424
-  _globals['_GETSERVICEINFORESPONSE']._serialized_end=1645
-  _globals['_BACKGROUNDREMOVAL']._serialized_start=1791
-  _globals['_BACKGROUNDREMOVAL']._serialized_end=2082
+  _globals['_LENGTH']._serialized_start=85
+  _globals['_LENGTH']._serialized_end=135
+  _globals['_REGION']._serialized_start=138
+  _globals['_REGION']._serialized_end=278
+  _globals['_MARGINS']._serialized_start=281
+  _globals['_MARGINS']._serialized_end=432
+  _globals['_POSITION']._serialized_start=434
+  _globals['_POSITION']._serialized_end=525
+  _globals['_OPTIONS']._serialized_start=528
+  _globals['_OPTIONS']._serialized_end=880
+  _globals['_UPLOADHEADER']._serialized_start=882
+  _globals['_UPLOADHEADER']._serialized_end=993
+  _globals['_UPLOADREQUEST']._serialized_start=995
+  _globals['_UPLOADREQUEST']._serialized_end=1083
+  _globals['_BOUNDINGBOX']._serialized_start=1085
+  _globals['_BOUNDINGBOX']._serialized_end=1151
+  _globals['_RESULTHEADER']._serialized_start=1154
+  _globals['_RESULTHEADER']._serialized_end=1339
+  _globals['_RESULTCHUNK']._serialized_start=1341
+  _globals['_RESULTCHUNK']._serialized_end=1427
+  _globals['_REMOVEBACKGROUNDREQUEST']._serialized_start=1429
+  _globals['_REMOVEBACKGROUNDREQUEST']._serialized_end=1530
+  _globals['_REMOVEBACKGROUNDRESPONSE']._serialized_start=1532
+  _globals['_REMOVEBACKGROUNDRESPONSE']._serialized_end=1616
+  _globals['_GETSERVICEINFOREQUEST']._serialized_start=1618
+  _globals['_GETSERVICEINFOREQUEST']._serialized_end=1641
+  _globals['_MODELINFO']._serialized_start=1643
+  _globals['_MODELINFO']._serialized_end=1703
+  _globals['_LIMITS']._serialized_start=1706
+  _globals['_LIMITS']._serialized_end=2078
+  _globals['_GETSERVICEINFORESPONSE']._serialized_start=2081
+  _globals['_GETSERVICEINFORESPONSE']._serialized_end=2302
+  _globals['_BACKGROUNDREMOVAL']._serialized_start=2580
+  _globals['_BACKGROUNDREMOVAL']._serialized_end=2871
 # @@protoc_insertion_point(module_scope)

@@ -14,11 +14,24 @@ class OutputFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTPUT_FORMAT_WEBP: _ClassVar[OutputFormat]
     OUTPUT_FORMAT_MASK: _ClassVar[OutputFormat]
     OUTPUT_FORMAT_JPEG: _ClassVar[OutputFormat]
+    OUTPUT_FORMAT_ZIP: _ClassVar[OutputFormat]
+
+class Placement(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PLACEMENT_UNSPECIFIED: _ClassVar[Placement]
+    PLACEMENT_ORIGINAL: _ClassVar[Placement]
+    PLACEMENT_CENTER: _ClassVar[Placement]
+    PLACEMENT_PERCENT: _ClassVar[Placement]
 OUTPUT_FORMAT_UNSPECIFIED: OutputFormat
 OUTPUT_FORMAT_PNG: OutputFormat
 OUTPUT_FORMAT_WEBP: OutputFormat
 OUTPUT_FORMAT_MASK: OutputFormat
 OUTPUT_FORMAT_JPEG: OutputFormat
+OUTPUT_FORMAT_ZIP: OutputFormat
+PLACEMENT_UNSPECIFIED: Placement
+PLACEMENT_ORIGINAL: Placement
+PLACEMENT_CENTER: Placement
+PLACEMENT_PERCENT: Placement
 
 class Color(_message.Message):
     __slots__ = ("r", "g", "b")
@@ -30,21 +43,75 @@ class Color(_message.Message):
     b: int
     def __init__(self, r: _Optional[int] = ..., g: _Optional[int] = ..., b: _Optional[int] = ...) -> None: ...
 
+class Length(_message.Message):
+    __slots__ = ("px", "percent")
+    PX_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    px: int
+    percent: float
+    def __init__(self, px: _Optional[int] = ..., percent: _Optional[float] = ...) -> None: ...
+
+class Region(_message.Message):
+    __slots__ = ("x1", "y1", "x2", "y2")
+    X1_FIELD_NUMBER: _ClassVar[int]
+    Y1_FIELD_NUMBER: _ClassVar[int]
+    X2_FIELD_NUMBER: _ClassVar[int]
+    Y2_FIELD_NUMBER: _ClassVar[int]
+    x1: Length
+    y1: Length
+    x2: Length
+    y2: Length
+    def __init__(self, x1: _Optional[_Union[Length, _Mapping]] = ..., y1: _Optional[_Union[Length, _Mapping]] = ..., x2: _Optional[_Union[Length, _Mapping]] = ..., y2: _Optional[_Union[Length, _Mapping]] = ...) -> None: ...
+
+class Margins(_message.Message):
+    __slots__ = ("top", "right", "bottom", "left")
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    RIGHT_FIELD_NUMBER: _ClassVar[int]
+    BOTTOM_FIELD_NUMBER: _ClassVar[int]
+    LEFT_FIELD_NUMBER: _ClassVar[int]
+    top: Length
+    right: Length
+    bottom: Length
+    left: Length
+    def __init__(self, top: _Optional[_Union[Length, _Mapping]] = ..., right: _Optional[_Union[Length, _Mapping]] = ..., bottom: _Optional[_Union[Length, _Mapping]] = ..., left: _Optional[_Union[Length, _Mapping]] = ...) -> None: ...
+
+class Position(_message.Message):
+    __slots__ = ("placement", "x_percent", "y_percent")
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    X_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    Y_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    placement: Placement
+    x_percent: float
+    y_percent: float
+    def __init__(self, placement: _Optional[_Union[Placement, str]] = ..., x_percent: _Optional[float] = ..., y_percent: _Optional[float] = ...) -> None: ...
+
 class Options(_message.Message):
-    __slots__ = ("format", "bg_color", "crop", "crop_margin", "max_output_side", "model")
+    __slots__ = ("format", "bg_color", "crop", "crop_margin", "max_output_side", "model", "roi", "scale_percent", "position", "bg_image", "max_output_pixels", "crop_margins")
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     BG_COLOR_FIELD_NUMBER: _ClassVar[int]
     CROP_FIELD_NUMBER: _ClassVar[int]
     CROP_MARGIN_FIELD_NUMBER: _ClassVar[int]
     MAX_OUTPUT_SIDE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROI_FIELD_NUMBER: _ClassVar[int]
+    SCALE_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    BG_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    CROP_MARGINS_FIELD_NUMBER: _ClassVar[int]
     format: OutputFormat
     bg_color: Color
     crop: bool
     crop_margin: int
     max_output_side: int
     model: str
-    def __init__(self, format: _Optional[_Union[OutputFormat, str]] = ..., bg_color: _Optional[_Union[Color, _Mapping]] = ..., crop: _Optional[bool] = ..., crop_margin: _Optional[int] = ..., max_output_side: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    roi: Region
+    scale_percent: float
+    position: Position
+    bg_image: bytes
+    max_output_pixels: int
+    crop_margins: Margins
+    def __init__(self, format: _Optional[_Union[OutputFormat, str]] = ..., bg_color: _Optional[_Union[Color, _Mapping]] = ..., crop: _Optional[bool] = ..., crop_margin: _Optional[int] = ..., max_output_side: _Optional[int] = ..., model: _Optional[str] = ..., roi: _Optional[_Union[Region, _Mapping]] = ..., scale_percent: _Optional[float] = ..., position: _Optional[_Union[Position, _Mapping]] = ..., bg_image: _Optional[bytes] = ..., max_output_pixels: _Optional[int] = ..., crop_margins: _Optional[_Union[Margins, _Mapping]] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
     __slots__ = ("content_type", "total_size", "sha256", "options")
@@ -139,7 +206,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., input_size: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_upload_bytes", "max_chunk_bytes", "max_pixels", "max_unary_bytes", "idle_timeout_ms", "result_chunk_bytes", "max_output_side", "max_crop_margin", "upload_timeout_ms", "max_jpeg_scans", "max_image_segments", "max_metadata_bytes", "max_jpeg_scan_pixels")
+    __slots__ = ("max_upload_bytes", "max_chunk_bytes", "max_pixels", "max_unary_bytes", "idle_timeout_ms", "result_chunk_bytes", "max_output_side", "max_crop_margin", "upload_timeout_ms", "max_jpeg_scans", "max_image_segments", "max_metadata_bytes", "max_jpeg_scan_pixels", "max_bg_image_bytes")
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +220,7 @@ class Limits(_message.Message):
     MAX_IMAGE_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     MAX_METADATA_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_JPEG_SCAN_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BG_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_upload_bytes: int
     max_chunk_bytes: int
     max_pixels: int
@@ -166,7 +234,8 @@ class Limits(_message.Message):
     max_image_segments: int
     max_metadata_bytes: int
     max_jpeg_scan_pixels: int
-    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_unary_bytes: _Optional[int] = ..., idle_timeout_ms: _Optional[int] = ..., result_chunk_bytes: _Optional[int] = ..., max_output_side: _Optional[int] = ..., max_crop_margin: _Optional[int] = ..., upload_timeout_ms: _Optional[int] = ..., max_jpeg_scans: _Optional[int] = ..., max_image_segments: _Optional[int] = ..., max_metadata_bytes: _Optional[int] = ..., max_jpeg_scan_pixels: _Optional[int] = ...) -> None: ...
+    max_bg_image_bytes: int
+    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_pixels: _Optional[int] = ..., max_unary_bytes: _Optional[int] = ..., idle_timeout_ms: _Optional[int] = ..., result_chunk_bytes: _Optional[int] = ..., max_output_side: _Optional[int] = ..., max_crop_margin: _Optional[int] = ..., upload_timeout_ms: _Optional[int] = ..., max_jpeg_scans: _Optional[int] = ..., max_image_segments: _Optional[int] = ..., max_metadata_bytes: _Optional[int] = ..., max_jpeg_scan_pixels: _Optional[int] = ..., max_bg_image_bytes: _Optional[int] = ...) -> None: ...
 
 class GetServiceInfoResponse(_message.Message):
     __slots__ = ("models", "default_model", "limits", "output_formats", "input_content_types", "version")
