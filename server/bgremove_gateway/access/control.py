@@ -206,20 +206,16 @@ class AccessControl(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         started = time.perf_counter()
         key_id: str | None = None
         limits: KeyLimits | None = None
-        try:
-            key_id, limits = await self._identify(context)
-            admitted = (
-                self.admission.admit(key_id, limits) if limits is not None else contextlib.nullcontext()
-            )
-            admitted.__enter__()
-        except ServiceError as err:
-            metrics.key_refused(key_id or metrics.NO_LABEL, self._refusal_reason(err, key_id, limits))
-            await self._refuse(method, context, requests, err, started, key_id or "-")
-        caller.set(key_id)  # each call runs in its own task and context: this never leaks
-        try:
+        async with contextlib.AsyncExitStack() as admitted:
+            try:
+                key_id, limits = await self._identify(context)
+                if limits is not None:
+                    await admitted.enter_async_context(self.admission.admit(key_id, limits))
+            except ServiceError as err:
+                metrics.key_refused(key_id or metrics.NO_LABEL, self._refusal_reason(err, key_id, limits))
+                await self._refuse(method, context, requests, err, started, key_id or "-")
+            caller.set(key_id)  # each call runs in its own task and context: this never leaks
             yield
-        finally:
-            admitted.__exit__(None, None, None)
 
     def _refusal_reason(self, err: ServiceError, key_id: str | None, limits: KeyLimits | None) -> str:
         """The metric's reason; key_id is set only once a key from the keys file was verified."""

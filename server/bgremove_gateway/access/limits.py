@@ -18,8 +18,8 @@ import random
 import time
 import urllib.parse
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -89,6 +89,26 @@ class TokenBucket:
         self._refill()
         return self._tokens >= self.burst
 
+    def allowance(self) -> Allowance:
+        self._refill()
+        missing = self.burst - self._tokens
+        return Allowance(self.burst, math.floor(self._tokens), max(0.0, missing / self.rate))
+
+
+@dataclass(frozen=True)
+class Allowance:
+    """What an admitted call leaves of its key's rate, for HTTP's X-RateLimit-* headers."""
+
+    # The bucket's size (burst); 0 when the key has no rate limit.
+    limit: int
+    # Whole tokens left after this call took one.
+    remaining: int
+    # Seconds until the bucket is full again.
+    reset_s: float
+
+
+UNLIMITED = Allowance(limit=0, remaining=0, reset_s=0.0)
+
 
 @dataclass
 class _KeyState:
@@ -123,8 +143,8 @@ class PerKeyLimiter:
         state = self._keys.get(key_id)
         return 0 if state is None else state.in_flight
 
-    @contextmanager
-    def admit(self, key_id: str, limits: KeyLimits) -> Iterator[None]:
+    @asynccontextmanager
+    async def admit(self, key_id: str, limits: KeyLimits) -> AsyncIterator[Allowance]:
         """Holds one of the key's stream slots for the body; RESOURCE_EXHAUSTED with RetryInfo
         when the key is at its cap or out of tokens. A call refused for its cap takes no token."""
         state = self._state(key_id, limits)
@@ -146,7 +166,7 @@ class PerKeyLimiter:
                 )
         state.in_flight += 1
         try:
-            yield
+            yield UNLIMITED if state.bucket is None else state.bucket.allowance()
         finally:
             state.in_flight -= 1
 

@@ -42,74 +42,79 @@ def retry_delay(err: ServiceError) -> float:
     return info.retry_delay.ToNanoseconds() / 1e9
 
 
-def test_over_the_rate_is_resource_exhausted_with_retry_info() -> None:
+async def test_over_the_rate_is_resource_exhausted_with_retry_info() -> None:
     clock = Clock()
     admission = PerKeyLimiter(clock)
     limits = KeyLimits(rate=4, burst=2, max_streams=0)
     for _ in range(2):
-        with admission.admit("aaaaaaaaaaaa", limits):
+        async with admission.admit("aaaaaaaaaaaa", limits):
             pass
-    with pytest.raises(ServiceError) as caught, admission.admit("aaaaaaaaaaaa", limits):
-        pass
+    with pytest.raises(ServiceError) as caught:
+        async with admission.admit("aaaaaaaaaaaa", limits):
+            pass
     err = caught.value
     assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "aaaaaaaaaaaa" in err.message and "4 requests/s" in err.message and "burst 2" in err.message
     assert retry_delay(err) == pytest.approx(0.25)
     clock.now += 0.25
-    with admission.admit("aaaaaaaaaaaa", limits):
+    async with admission.admit("aaaaaaaaaaaa", limits):
         pass
 
 
-def test_stream_cap_counts_calls_in_flight_and_frees_on_exit_or_error() -> None:
+async def test_stream_cap_counts_calls_in_flight_and_frees_on_exit_or_error() -> None:
     admission = PerKeyLimiter(Clock())
     limits = KeyLimits(rate=0, burst=0, max_streams=2)
-    with admission.admit("k", limits), admission.admit("k", limits):
+    async with admission.admit("k", limits), admission.admit("k", limits):
         assert admission.in_flight("k") == 2
-        with pytest.raises(ServiceError) as caught, admission.admit("k", limits):
-            pass
+        with pytest.raises(ServiceError) as caught:
+            async with admission.admit("k", limits):
+                pass
         assert "2 calls in flight" in caught.value.message
         assert retry_delay(caught.value) == pytest.approx(KEY_STREAMS_RETRY_AFTER_S)
     assert admission.in_flight("k") == 0
-    with pytest.raises(RuntimeError), admission.admit("k", limits):
-        raise RuntimeError("the call failed")
+    with pytest.raises(RuntimeError):
+        async with admission.admit("k", limits):
+            raise RuntimeError("the call failed")
     assert admission.in_flight("k") == 0
 
 
-def test_a_call_refused_for_its_cap_costs_no_token() -> None:
+async def test_a_call_refused_for_its_cap_costs_no_token() -> None:
     admission = PerKeyLimiter(Clock())
     limits = KeyLimits(rate=1, burst=2, max_streams=1)
-    with admission.admit("k", limits):
+    async with admission.admit("k", limits):
         for _ in range(5):
-            with pytest.raises(ServiceError), admission.admit("k", limits):
-                pass
-    with admission.admit("k", limits):  # the second token is still there
+            with pytest.raises(ServiceError):
+                async with admission.admit("k", limits):
+                    pass
+    async with admission.admit("k", limits):  # the second token is still there
         pass
 
 
-def test_one_keys_flood_leaves_another_keys_budget_alone() -> None:
+async def test_one_keys_flood_leaves_another_keys_budget_alone() -> None:
     admission = PerKeyLimiter(Clock())
     heavy, light = KeyLimits(rate=1, burst=1, max_streams=1), KeyLimits(rate=1, burst=1, max_streams=1)
-    with admission.admit("heavy", heavy):
+    async with admission.admit("heavy", heavy):
         refused = 0
         for _ in range(100):
             try:
-                with admission.admit("heavy", heavy):
+                async with admission.admit("heavy", heavy):
                     pass
             except ServiceError:
                 refused += 1
         assert refused == 100
-        with admission.admit("light", light):
+        async with admission.admit("light", light):
             assert admission.in_flight("light") == 1
 
 
-def test_new_limits_from_the_keys_file_apply_to_the_next_call() -> None:
+async def test_new_limits_from_the_keys_file_apply_to_the_next_call() -> None:
     clock = Clock()
     admission = PerKeyLimiter(clock)
-    with admission.admit("k", KeyLimits(rate=1, burst=1, max_streams=0)):
+    async with admission.admit("k", KeyLimits(rate=1, burst=1, max_streams=0)):
         pass
-    with pytest.raises(ServiceError), admission.admit("k", KeyLimits(rate=1, burst=1, max_streams=0)):
-        pass
-    with admission.admit("k", KeyLimits(rate=0, burst=0, max_streams=0)):  # now unlimited
+    with pytest.raises(ServiceError):
+        async with admission.admit("k", KeyLimits(rate=1, burst=1, max_streams=0)):
+            pass
+    async with admission.admit("k", KeyLimits(rate=0, burst=0, max_streams=0)):  # now unlimited
         pass
     admission.forget(keep=set())
     assert admission.in_flight("k") == 0
@@ -125,3 +130,15 @@ def test_bucket_wait_takes_nothing_and_give_back_stops_at_the_burst() -> None:
     assert bucket.full
     assert [bucket.take() for _ in range(2)] == [0.0, 0.0]
     assert bucket.wait() == pytest.approx(0.5) and bucket.take() == pytest.approx(0.5)
+
+
+async def test_an_admitted_call_learns_what_is_left_of_its_keys_rate() -> None:
+    clock = Clock()
+    admission = PerKeyLimiter(clock)
+    limits = KeyLimits(rate=2, burst=3, max_streams=0)
+    async with admission.admit("k", limits) as first:
+        assert (first.limit, first.remaining, first.reset_s) == (3, 2, pytest.approx(0.5))
+    async with admission.admit("k", limits) as second:
+        assert (second.remaining, second.reset_s) == (1, pytest.approx(1.0))
+    async with admission.admit("k", KeyLimits(rate=0, burst=0, max_streams=1)) as unlimited:
+        assert unlimited.limit == 0

@@ -115,7 +115,7 @@ def test_admission_refusals_by_reason(reason: str, refuse: Any) -> None:
     assert {r: after[r] - before[r] for r in after} == {r: float(r == reason) for r in after}
 
 
-def test_key_refusal_reasons() -> None:
+async def test_key_refusal_reasons() -> None:
     control = AccessControl(Policy(keys=None, client_certs=False, require_auth=False))
     limits = KeyLimits(rate=1000, burst=1000, max_streams=1)
     unauthenticated = ServiceError(grpc.StatusCode.UNAUTHENTICATED, "no")
@@ -123,7 +123,7 @@ def test_key_refusal_reasons() -> None:
     assert control._refusal_reason(unauthenticated, None, None) == "unauthenticated"
     assert control._refusal_reason(exhausted, None, None) == "key_checks"
     assert control._refusal_reason(exhausted, "k1", limits) == "key_rate"
-    with control.admission.admit("k1", limits):
+    async with control.admission.admit("k1", limits):
         assert control._refusal_reason(exhausted, "k1", limits) == "key_streams"
 
 
