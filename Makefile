@@ -29,15 +29,18 @@ $(MODELS) &: $(STAMP) server/bgremove_gateway/triton/graph.py
 models: $(MODELS)
 
 run: models
-	$(BIN)/bgremove serve
+	$(BIN)/bgremove serve --http-ui
 
 test: models tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# strace for the zero-retention test, openssl for the TLS example the docs test runs (Debian's; CI is root).
+# strace for the zero-retention test, openssl for the TLS example the docs test runs, chromium and its
+# driver for the try-it page's browser test, redis-server for the shared-limits tests (Debian's; CI is root).
 tools:
-	@command -v strace >/dev/null && command -v openssl >/dev/null || \
-	  { apt-get update -qq && apt-get install -y -qq strace openssl >/dev/null; }
+	@command -v strace >/dev/null && command -v openssl >/dev/null && \
+	  command -v chromium >/dev/null && command -v chromedriver >/dev/null && \
+	  command -v redis-server >/dev/null && command -v curl >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq strace openssl chromium chromium-driver redis-server curl >/dev/null; }
 
 protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I protos \

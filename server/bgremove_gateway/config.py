@@ -47,6 +47,9 @@ class Limits:
     max_image_segments: int = 10_000
     # Metadata as the parsers hold it, inflated and copied (EXIF, XMP, ICC, text): photos < 1 MiB.
     max_metadata_bytes: int = 16 * MiB
+    # Options.bg_image: a background photo; counted in the call's upload (and unary) limit too.
+    # It also sizes gRPC's largest message (a stream header carries it), read before any key check.
+    max_bg_image_bytes: int = 4 * MiB
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class TritonSettings:
     metrics_port: int = 8202
     model_repository: Path = DEFAULT_MODEL_REPOSITORY
     model_config_name: str = "cpu"
+    # Benchmark-only models (their card says so, e.g. instant) the embedded Triton loads as well.
+    load_models: tuple[str, ...] = ()
     startup_timeout_s: float = 180.0
     infer_timeout_s: float = 60.0
     # How often a --triton-url that is a DNS name (a headless Service) is resolved again.
@@ -113,6 +118,18 @@ class Security:
     insecure: bool = False
     api_keys_file: Path | None = None
     health_listen: str | None = None
+    # Per-key limits held in Redis for every replica (shared_limits.py); None: each replica alone.
+    # Out of repr: the URL may carry Redis's password.
+    limits_redis_url: str | None = field(default=None, repr=False)
+    # How long one check may wait for Redis before this replica decides alone, on its share.
+    limits_redis_timeout_s: float = 0.05
+    # The gateway replicas sharing the keys: each one's share when Redis does not answer.
+    limits_replicas: int = 1
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container's cpuset narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 LogFormat = Literal["text", "json"]
@@ -138,6 +155,16 @@ class Settings:
     memory_budget_bytes: int = 1536 * MiB
     max_concurrent_streams: int = 64
     connections: Connections = field(default_factory=Connections)
+    # Gateway processes sharing the listeners (SO_REUSEPORT) and one embedded Triton; 1: no supervisor.
+    workers: int = _usable_cores()
+    # Which of those this process is (service/workers.py sets it); None: the pod's only process.
+    worker: int | None = None
+    # The remove.bg-compatible HTTP API (http/); None serves none.
+    http_listen: str | None = "127.0.0.1:8080"
+    # image_url / bg_image_url fetched by the gateway (public addresses only); refused when off.
+    http_allow_urls: bool = False
+    # GET / serves the browser page in http/ui/.
+    http_ui: bool = False
 
 
 T = TypeVar("T")
@@ -148,6 +175,7 @@ ACCESS = "access control (see docs/security.md)"
 CONNECTIONS = "connections"
 BACKEND = "Triton backend"
 EMBEDDED = "embedded Triton (when no --triton-url is given)"
+HTTP = "remove.bg-compatible HTTP API (see docs/http-api.md)"
 
 
 def _optional_path(value: str) -> Path | None:
@@ -274,6 +302,29 @@ FLAGS: tuple[Flag, ...] = (
         "max_concurrent_streams",
         "open RemoveBackground/StreamRemoveBackground calls at once",
     ),
+    Flag(
+        "--workers",
+        Settings,
+        "workers",
+        "gateway processes sharing the port, one embedded Triton, the memory budget and the stream "
+        "cap; CPU workers are split among them (default: the usable cores)",
+    ),
+    Flag(
+        "--http-listen",
+        Settings,
+        "http_listen",
+        "address of the remove.bg-compatible HTTP API (POST /v1.0/removebg); empty: none",
+        HTTP,
+        metavar="HOST:PORT",
+    ),
+    Flag(
+        "--http-allow-urls",
+        Settings,
+        "http_allow_urls",
+        "fetch image_url and bg_image_url (public addresses only); off: refused with 400",
+        HTTP,
+    ),
+    Flag("--http-ui", Settings, "http_ui", "serve the browser page at GET / of the HTTP API", HTTP),
     Flag("--max-upload-bytes", Limits, "max_upload_bytes", "largest streamed upload", LIMITS),
     Flag("--max-chunk-bytes", Limits, "max_chunk_bytes", "largest chunk of a streamed upload", LIMITS),
     Flag("--max-pixels", Limits, "max_pixels", "most pixels (width x height) an image may have", LIMITS),
@@ -306,6 +357,7 @@ FLAGS: tuple[Flag, ...] = (
         LIMITS,
     ),
     Flag("--max-output-side", Limits, "max_output_side", "largest options.max_output_side accepted", LIMITS),
+    Flag("--max-bg-image-bytes", Limits, "max_bg_image_bytes", "largest options.bg_image, in bytes", LIMITS),
     Flag("--tls-cert", Security, "tls_cert", "PEM server certificate chain", ACCESS),
     Flag("--tls-key", Security, "tls_key", "PEM private key of --tls-cert", ACCESS),
     Flag(
@@ -336,6 +388,28 @@ FLAGS: tuple[Flag, ...] = (
         "extra plaintext listener serving only grpc.health.v1 (for probes)",
         ACCESS,
         metavar="HOST:PORT",
+    ),
+    Flag(
+        "--limits-redis-url",
+        Security,
+        "limits_redis_url",
+        "redis:// or rediss:// URL of a Redis holding per-key limits for all replicas; empty: each alone",
+        ACCESS,
+        metavar="URL",
+    ),
+    Flag(
+        "--limits-redis-timeout",
+        Security,
+        "limits_redis_timeout_s",
+        "seconds one limits check waits for Redis before this replica decides alone",
+        ACCESS,
+    ),
+    Flag(
+        "--limits-replicas",
+        Security,
+        "limits_replicas",
+        "gateway replicas sharing the keys: without Redis each admits 1/N of a key's limits",
+        ACCESS,
     ),
     Flag(
         "--max-streams-per-connection",
@@ -421,6 +495,14 @@ FLAGS: tuple[Flag, ...] = (
         TritonSettings,
         "model_config_name",
         "config under <model>/configs/ that Triton loads: cpu or gpu",
+        EMBEDDED,
+        metavar="NAME",
+    ),
+    Flag(
+        "--load-model",
+        TritonSettings,
+        "load_models",
+        "also serve this benchmark-only model (e.g. instant, the gateway-ceiling stand-in); repeatable",
         EMBEDDED,
         metavar="NAME",
     ),

@@ -8,8 +8,10 @@ security, network isolation, and that the gateway is started with flags and vari
 
 from __future__ import annotations
 
+import argparse
 import base64
 import copy
+import json
 import os
 import re
 import shutil
@@ -37,6 +39,15 @@ Obj = dict[str, Any]
 PEM = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n"
 KEY = "-----BEGIN PRIVATE KEY-----\nMIIBfake\n-----END PRIVATE KEY-----\n"
 
+# What sidecars and init containers of a user's own must carry to pass the restricted profile.
+RESTRICTED: Obj = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
 # Value sets that must all render to valid objects with the properties below.
 SCENARIOS: dict[str, Obj] = {
     "defaults": {},
@@ -54,7 +65,8 @@ SCENARIOS: dict[str, Obj] = {
         "gateway": {
             "tls": {"enabled": True, "existingSecret": "gw-cert", "clientAuth": True},
             "auth": {"enabled": True, "existingSecret": "gw-keys", "existingSecretKey": "keys.json"},
-        }
+        },
+        "tests": {"tls": {"clientSecret": "test-client-cert"}, "apiKey": {"existingSecret": "test-key"}},
     },
     "created-api-keys": {"gateway": {"auth": {"enabled": True, "apiKeysJson": '{"keys": []}'}}},
     "autoscaling": {
@@ -93,6 +105,44 @@ SCENARIOS: dict[str, Obj] = {
         }
     },
     "hard-anti-affinity": {"gateway": {"podAntiAffinity": "hard"}, "triton": {"podAntiAffinity": "hard"}},
+    "openshift": {"openshift": True},
+    "extra-containers": {
+        "gateway": {
+            "extraEnv": [{"name": "EXTRA", "value": "1"}],
+            "extraVolumes": [{"name": "extra", "secret": {"secretName": "extra"}}],
+            "extraVolumeMounts": [{"name": "extra", "mountPath": "/etc/extra", "readOnly": True}],
+            "sidecars": [{"name": "proxy", "image": "proxy:1", "securityContext": RESTRICTED}],
+            "initContainers": [{"name": "wait", "image": "busybox:1", "securityContext": RESTRICTED}],
+        },
+        "triton": {
+            "runtimeClassName": "nvidia",
+            "sidecars": [{"name": "exporter", "image": "exporter:1", "securityContext": RESTRICTED}],
+            "initContainers": [{"name": "warm", "image": "busybox:1", "securityContext": RESTRICTED}],
+        },
+    },
+    "monitoring": {
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}}},
+        "grafana": {"dashboard": {"enabled": True}},
+    },
+    "pod-monitor": {"metrics": {"podMonitor": {"enabled": True, "interval": "15s"}}},
+    "shared-limits": {"gateway": {"limits": {"redis": {"url": "redis://:secret@redis.cache.svc:6380/0"}}}},
+    "shared-limits-hpa": {
+        "gateway": {
+            "autoscaling": {"enabled": True},
+            "limits": {"redis": {"existingSecret": "redis-url", "existingSecretKey": "url"}},
+        }
+    },
+    "egress": {
+        "gateway": {
+            "networkPolicy": {"egress": {"enabled": True}},
+            "limits": {"redis": {"url": "rediss://redis.cache.svc:6380"}},
+        },
+        "otel": {"endpoint": "http://otel-collector.observability.svc:4318/"},
+    },
+    "listeners-off": {
+        "gateway": {"http": {"enabled": False}, "metrics": {"enabled": False}},
+        "tests": {"enabled": False},
+    },
     "existing-admin-key": {
         "triton": {
             "adminKey": {
@@ -103,6 +153,31 @@ SCENARIOS: dict[str, Obj] = {
         }
     },
 }
+
+
+MONITORING = "monitoring.coreos.com"
+DURATION = re.compile(r"([0-9]+(ms|s|m|h))+")
+# The fields of Prometheus Operator's v1 CRDs the chart may write (a typo would be dropped silently).
+MONITOR_SPEC = {"ServiceMonitor": "endpoints", "PodMonitor": "podMetricsEndpoints"}
+ENDPOINT_FIELDS = {"port", "path", "interval", "scrapeTimeout", "scheme", "relabelings", "metricRelabelings"}
+
+
+def check_monitor_shape(obj: Obj) -> None:
+    """A ServiceMonitor or PodMonitor as monitoring.coreos.com/v1 defines it, field by field."""
+    assert obj["apiVersion"] == f"{MONITORING}/v1"
+    assert set(obj) == {"apiVersion", "kind", "metadata", "spec"}
+    assert set(obj["metadata"]) <= {"name", "namespace", "labels", "annotations"}
+    endpoints = MONITOR_SPEC[obj["kind"]]
+    spec = obj["spec"]
+    assert set(spec) == {"selector", "namespaceSelector", endpoints}
+    assert set(spec["selector"]) == {"matchLabels"} and spec["selector"]["matchLabels"]
+    assert all(isinstance(v, str) for v in spec["selector"]["matchLabels"].values())
+    assert spec["namespaceSelector"] == {"matchNames": [obj["metadata"]["namespace"]]}
+    assert spec[endpoints]
+    for endpoint in spec[endpoints]:
+        assert set(endpoint) <= ENDPOINT_FIELDS, set(endpoint) - ENDPOINT_FIELDS
+        assert isinstance(endpoint["port"], str) and endpoint["path"].startswith("/")
+        assert DURATION.fullmatch(endpoint["interval"]) and DURATION.fullmatch(endpoint["scrapeTimeout"])
 
 
 @pytest.fixture(scope="module")
@@ -178,13 +253,17 @@ def test_every_object_is_valid_for_current_kubernetes(scenario: tuple[str, list[
     version = latest_version()
     assert tuple(int(p) for p in version.split(".")[:2]) >= (1, 33), "schemas for a current Kubernetes"
     for obj in objects:
-        kubernetes_validate.validate(obj, version, strict=True)
+        if obj["apiVersion"].startswith(f"{MONITORING}/"):
+            check_monitor_shape(obj)  # kubernetes-validate has no CRD schemas
+        else:
+            kubernetes_validate.validate(obj, version, strict=True)
         assert obj["metadata"]["namespace"] == NAMESPACE
         assert len(obj["metadata"]["name"]) <= 63
 
 
 def test_lint_is_clean_in_strict_mode() -> None:
-    for values in ({}, SCENARIOS["tls-created-secret"], SCENARIOS["autoscaling"]):
+    for name in ("defaults", "tls-created-secret", "autoscaling", "monitoring", "egress", "extra-containers"):
+        values = SCENARIOS[name]
         report = lint(CHART_DIR, copy.deepcopy(values), strict=True, namespace=NAMESPACE)
         problems = [m for m in report["messages"] if m["severity"] >= 2]
         assert not problems and not report["errors"], report
@@ -206,6 +285,10 @@ def test_both_workloads_spread_over_zones_and_hosts(
     for constraint in keys.values():
         assert constraint["maxSkew"] == 1
         assert selects(constraint["labelSelector"]["matchLabels"], labels)
+        # Nodes the pod cannot run on (tainted GPU nodes, cordoned ones, outside its nodeSelector) are
+        # not empty domains: counted, they would block the hard host spread (kubernetes#107464, #116118).
+        assert constraint["nodeTaintsPolicy"] == "Honor"
+        assert constraint["nodeAffinityPolicy"] == "Honor"
         # Counts only pods of one revision, so a rolling update is never blocked by the old one.
         assert constraint["matchLabelKeys"] == ["pod-template-hash"]
     anti = pod["affinity"]["podAntiAffinity"]
@@ -383,11 +466,15 @@ def test_inconsistent_values_fail_with_a_clear_message(chart: Chart, values: Obj
 
 
 def test_pods_are_restricted_and_write_nothing_to_disk(scenario: tuple[str, list[Obj], str]) -> None:
-    _, objects, _ = scenario
+    name, objects, _ = scenario
     for component in ("gateway", "triton"):
         pod = one(objects, "Deployment", component)["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
-        assert pod["securityContext"]["runAsUser"] > 0
+        if name == "openshift":
+            # restricted-v2 assigns the namespace's ids and refuses pods that ask for others.
+            assert not {"runAsUser", "runAsGroup", "fsGroup"} & set(pod["securityContext"])
+        else:
+            assert pod["securityContext"]["runAsUser"] > 0
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         assert pod["automountServiceAccountToken"] is False
         assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC")
@@ -399,6 +486,12 @@ def test_pods_are_restricted_and_write_nothing_to_disk(scenario: tuple[str, list
             assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, c["name"]
         for volume in pod.get("volumes", []):
             assert "hostPath" not in volume
+    # The test pod runs the gateway image with the same restrictions.
+    for pod in [o["spec"] for o in objects if o["kind"] == "Pod"]:
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+        for c in pod["containers"]:
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True
+            assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     # The gateway holds images: it may mount Secrets and memory-backed scratch space, nothing else.
     gateway = one(objects, "Deployment", "gateway")["spec"]["template"]["spec"]
     for volume in gateway.get("volumes", []):
@@ -449,24 +542,69 @@ def test_only_gateway_pods_reach_triton(scenario: tuple[str, list[Obj], str]) ->
             assert port["port"] != "http", "Triton's HTTP port serves inference without authentication"
 
 
+def _rules_by_port(policy: Obj) -> dict[str, list[list[Obj]]]:
+    """Port name -> the `from` lists of the ingress rules that open it."""
+    opened: dict[str, list[list[Obj]]] = {}
+    for rule in policy["ingress"]:
+        for port in rule["ports"]:
+            assert port["protocol"] == "TCP"
+            opened.setdefault(port["port"], []).append(rule["from"])
+    return opened
+
+
 def test_only_allowed_sources_reach_the_gateway(scenario: tuple[str, list[Obj], str]) -> None:
     name, objects, _ = scenario
     gateway = one(objects, "Deployment", "gateway")
     policy = one(objects, "NetworkPolicy", "gateway")["spec"]
     assert selects(policy["podSelector"]["matchLabels"], pod_labels(gateway))
-    assert policy["policyTypes"] == ["Ingress"]
-    (rule,) = policy["ingress"]
-    assert rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    assert policy["policyTypes"][0] == "Ingress"
+    container_ports = {p["name"] for p in container(gateway, "gateway")["ports"]}
+    opened = _rules_by_port(policy)
+    assert set(opened) <= container_ports
+    clients: list[Obj]
     if name == "load-balancer-otel":
-        assert rule["from"] == [{"ipBlock": {"cidr": "203.0.113.0/24"}}]
+        clients = [{"ipBlock": {"cidr": "203.0.113.0/24"}}]
     else:
-        assert rule["from"] == [
-            {"namespaceSelector": {}, "podSelector": {"matchLabels": {"bgremove.io/client": "true"}}}
-        ]
+        clients = [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"bgremove.io/client": "true"}}}]
+    test_pods = [p for p in objects if p["kind"] == "Pod"]
+    # gRPC: the clients, and this release's `helm test` pod when there is one.
+    assert clients in opened["grpc"]
+    assert len(opened["grpc"]) == 1 + len(test_pods)
+    for peers in opened["grpc"]:
+        if peers != clients:
+            (peer,) = peers
+            assert set(peer) == {"podSelector"}, "the test pod of this namespace only"
+            assert selects(peer["podSelector"]["matchLabels"], test_pods[0]["metadata"]["labels"])
+            assert not selects(peer["podSelector"]["matchLabels"], pod_labels(gateway))
+    # HTTP: the same clients as gRPC, nobody else.
+    assert opened.get("http", []) == ([clients] if "http" in container_ports else [])
+    # Metrics: the scrapers, nobody else.
+    scrapers = [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+        }
+    ]
+    assert opened.get("metrics", []) == ([scrapers] if "metrics" in container_ports else [])
 
 
 def test_no_allowed_sources_means_no_ingress(chart: Chart) -> None:
-    objects, _ = render(chart, {"gateway": {"networkPolicy": {"allowedFrom": []}}})
+    objects, _ = render(
+        chart,
+        {"gateway": {"networkPolicy": {"allowedFrom": []}}, "metrics": {"networkPolicy": {"from": []}}},
+    )
+    # Only the release's own `helm test` pod is left, and without it nothing at all.
+    opened = _rules_by_port(one(objects, "NetworkPolicy", "gateway")["spec"])
+    assert list(opened) == ["grpc"] and len(opened["grpc"]) == 1
+    assert opened["grpc"][0][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "test"
+    objects, _ = render(
+        chart,
+        {
+            "gateway": {"networkPolicy": {"allowedFrom": []}},
+            "metrics": {"networkPolicy": {"from": []}},
+            "tests": {"enabled": False},
+        },
+    )
     assert one(objects, "NetworkPolicy", "gateway")["spec"]["ingress"] == []
 
 
@@ -580,6 +718,7 @@ def test_tls_off_passes_insecure_and_nothing_else(chart: Chart) -> None:
     assert not {"--tls-cert", "--tls-key", "--api-keys-file"} & set(args)
     assert not _secrets(objects, "gateway")
     assert "--insecure" in notes and "-plaintext" in notes
+    assert "is plain HTTP" not in notes, "no TLS to contrast it with"
 
 
 def test_tls_from_a_created_secret(chart: Chart) -> None:
@@ -601,6 +740,7 @@ def test_tls_from_a_created_secret(chart: Chart) -> None:
     other_annotations = one(other, "Deployment", "gateway")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["checksum/tls"] != other_annotations["checksum/tls"]
     assert "-plaintext" not in notes and "-cacert" in notes
+    assert "the HTTP API (gateway.http, port 8080) is plain HTTP" in notes
 
 
 def test_existing_secrets_are_used_not_created(chart: Chart) -> None:
@@ -712,15 +852,40 @@ def test_only_triton_mounts_its_shared_memory(scenario: tuple[str, list[Obj], st
 # --- The gateway reads what the chart passes ------------------------------------------------------
 
 
+# Flags of features other changes are adding to the gateway (HTTP API, --workers, shared limits):
+# the chart passes them already. Once the gateway reads one, the tests check its value like any other.
+PENDING_FLAGS = {"--http-listen": 1, "--http-ui": 0, "--workers": 1, "--limits-replicas": 1}
+
+
+def _known_flags() -> set[str]:
+    """Every flag `bgremove serve` reads."""
+    (subcommands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return {flag for action in subcommands.choices["serve"]._actions for flag in action.option_strings}
+
+
+def _without_pending(args: list[str]) -> list[str]:
+    """`args` less the pending flags (and their values) the gateway does not read yet."""
+    known, kept, skip = _known_flags(), [], 0
+    for arg in args:
+        if skip:
+            skip -= 1
+        elif arg in PENDING_FLAGS and arg not in known:
+            skip = PENDING_FLAGS[arg]
+        else:
+            kept.append(arg)
+    return kept
+
+
 def _parse_gateway_command(gw: Obj, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[str]]:
-    """The real `bgremove` command line, reading the environment as it does in the pod."""
+    """The real `bgremove` command line, reading the environment as it does in the pod (a variable
+    from a Secret gets a stand-in value)."""
     assert gw["command"] == ["bgremove"] and gw["args"][0] == "serve"
     for name in [n for n in os.environ if n.startswith("BGREMOVE_")]:
         monkeypatch.delenv(name)
     for e in gw["env"]:
         if e["name"].startswith("BGREMOVE_"):
-            monkeypatch.setenv(e["name"], e["value"])
-    return build_parser().parse_known_args(gw["args"])
+            monkeypatch.setenv(e["name"], e.get("value", "redis://stand-in:6379/0"))
+    return build_parser().parse_known_args(_without_pending(gw["args"]))
 
 
 def test_gateway_flags_are_ones_it_reads(
@@ -743,6 +908,14 @@ def test_gateway_flags_are_ones_it_reads(
     triton = container(one(objects, "Deployment", "triton"), "triton")
     assert ns.default_model == flag_value(gw["args"], "--default-model")
     assert ns.default_model in loaded_models(triton["args"])
+    # The listeners the Services and NetworkPolicies point at (empty: off).
+    assert (ns.metrics_listen or "") == flag_value(gw["args"], "--metrics-listen")
+    known = _known_flags()
+    if "--http-listen" in known:
+        assert (ns.http_listen or "") == flag_value(gw["args"], "--http-listen")
+        assert ns.http_ui == ("--http-ui" in gw["args"])
+    if "--workers" in known:
+        assert ns.workers == int(flag_value(gw["args"], "--workers"))
 
 
 def test_default_model_is_a_value(chart: Chart, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -822,6 +995,27 @@ def test_notes_explain_how_to_call_the_service(chart: Chart) -> None:
         ({"triton": {"adminKey": {"restrictedApis": ["health"]}}}, "/triton/adminKey/restrictedApis/0"),
         ({"triton": {"adminKey": {"restrictedApis": []}}}, "/triton/adminKey/restrictedApis"),
         ({"triton": {"adminKey": {"existingSecretKey": "a/b"}}}, "/triton/adminKey/existingSecretKey"),
+        (
+            {"gateway": {"topologySpread": {"hostname": {"nodeTaintsPolicy": "Always"}}}},
+            "/gateway/topologySpread/hostname/nodeTaintsPolicy",
+        ),
+        (
+            {"triton": {"topologySpread": {"zone": {"nodeAffinityPolicy": "honor"}}}},
+            "/triton/topologySpread/zone/nodeAffinityPolicy",
+        ),
+        ({"gateway": {"workers": 0}}, "/gateway/workers"),
+        ({"gateway": {"limits": {"redis": {"url": "http://redis:6379"}}}}, "/gateway/limits/redis/url"),
+        ({"gateway": {"limits": {"replicas": 0}}}, "/gateway/limits/replicas"),
+        ({"gateway": {"http": {"port": 0}}}, "/gateway/http/port"),
+        ({"gateway": {"metrics": {"enabled": "yes"}}}, "/gateway/metrics/enabled"),
+        ({"gateway": {"sidecars": [{"image": "x"}]}}, "/gateway/sidecars/0"),
+        ({"triton": {"extraVolumeMounts": [{"name": "x"}]}}, "/triton/extraVolumeMounts/0"),
+        ({"metrics": {"serviceMonitor": {"interval": "30"}}}, "/metrics/serviceMonitor/interval"),
+        ({"metrics": {"podMonitor": {"labels": {"release": 1}}}}, "/metrics/podMonitor/labels/release"),
+        ({"grafana": {"dashboard": {"namespace": "Monitoring"}}}, "/grafana/dashboard/namespace"),
+        ({"gateway": {"networkPolicy": {"egress": {"dnsTo": []}}}}, "/gateway/networkPolicy/egress/dnsTo"),
+        ({"openshift": "true"}, "/openshift"),
+        ({"tests": {"apiKey": {"existingSecretKey": "a/b"}}}, "/tests/apiKey/existingSecretKey"),
     ],
 )
 def test_schema_rejects_wrong_values(chart: Chart, values: Obj, where: str) -> None:
@@ -955,3 +1149,519 @@ def test_chart_port_matches_the_image() -> None:
     exposed = _final_stage(_dockerfile_stages())["EXPOSE"]
     values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
     assert exposed == [str(values["gateway"]["port"])]
+
+
+# --- Scheduling ---------------------------------------------------------------------------------
+
+
+def test_spread_policies_and_skew_are_values(chart: Chart) -> None:
+    spread = {
+        "zone": {"maxSkew": 2, "whenUnsatisfiable": "DoNotSchedule", "nodeTaintsPolicy": "Ignore"},
+        "hostname": {"whenUnsatisfiable": "ScheduleAnyway", "nodeAffinityPolicy": "Ignore"},
+    }
+    objects, _ = render(chart, {"gateway": {"topologySpread": copy.deepcopy(spread)}})
+    pod = one(objects, "Deployment", "gateway")["spec"]["template"]["spec"]
+    keys = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
+    zone, host = keys["topology.kubernetes.io/zone"], keys["kubernetes.io/hostname"]
+    assert (zone["maxSkew"], zone["whenUnsatisfiable"]) == (2, "DoNotSchedule")
+    assert (zone["nodeTaintsPolicy"], zone["nodeAffinityPolicy"]) == ("Ignore", "Honor")
+    assert (host["whenUnsatisfiable"], host["nodeAffinityPolicy"], host["nodeTaintsPolicy"]) == (
+        "ScheduleAnyway",
+        "Ignore",
+        "Honor",
+    )
+    # Triton's are its own.
+    triton = one(objects, "Deployment", "triton")["spec"]["template"]["spec"]
+    assert all(c["nodeTaintsPolicy"] == "Honor" for c in triton["topologySpreadConstraints"])
+
+
+def test_triton_runtime_class(chart: Chart) -> None:
+    objects, _ = render(chart, copy.deepcopy(SCENARIOS["extra-containers"]))
+    assert one(objects, "Deployment", "triton")["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia"
+    assert "runtimeClassName" not in one(objects, "Deployment", "gateway")["spec"]["template"]["spec"]
+    objects, _ = render(chart, {})
+    assert "runtimeClassName" not in one(objects, "Deployment", "triton")["spec"]["template"]["spec"]
+
+
+# --- Security contexts and OpenShift --------------------------------------------------------------
+
+
+def test_openshift_leaves_ids_to_the_scc(chart: Chart) -> None:
+    default, _ = render(chart, {})
+    objects, _ = render(chart, {"openshift": True})
+    for component in ("gateway", "triton"):
+        before = one(default, "Deployment", component)["spec"]["template"]["spec"]
+        after = one(objects, "Deployment", component)["spec"]["template"]["spec"]
+        dropped = {k: v for k, v in before["securityContext"].items() if k not in after["securityContext"]}
+        assert set(dropped) == {"runAsUser", "runAsGroup", "fsGroup"}, component
+        assert after["securityContext"]["runAsNonRoot"] is True
+        for c, c_before in zip(after["containers"], before["containers"], strict=True):
+            assert c["securityContext"] == c_before["securityContext"]
+    (test_pod,) = [o for o in objects if o["kind"] == "Pod"]
+    assert "runAsUser" not in test_pod["spec"]["securityContext"]
+
+
+def test_security_contexts_are_values(chart: Chart) -> None:
+    # Helm merges a map given with the default one: null removes a default key (the documented way
+    # to drop an id without openshift: true).
+    pod_sc = {
+        "runAsUser": 1001,
+        "fsGroup": None,
+        "seccompProfile": {"type": "Localhost", "localhostProfile": "x"},
+    }
+    objects, _ = render(
+        chart,
+        {
+            "gateway": {"podSecurityContext": copy.deepcopy(pod_sc)},
+            "triton": {"securityContext": {"runAsUser": 2000}},
+        },
+    )
+    gateway = one(objects, "Deployment", "gateway")["spec"]["template"]["spec"]
+    assert gateway["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 1001,
+        "runAsGroup": 65532,
+        "seccompProfile": {"type": "Localhost", "localhostProfile": "x"},
+    }
+    triton = one(objects, "Deployment", "triton")
+    assert container(triton, "triton")["securityContext"]["runAsUser"] == 2000
+    # The model-repository init container runs in Triton's pod, under Triton's container context.
+    assert container(triton, "model-repository")["securityContext"]["runAsUser"] == 2000
+
+
+# --- Containers, volumes and variables of the user's own ---------------------------------------
+
+
+def test_extra_containers_volumes_and_variables(chart: Chart) -> None:
+    objects, _ = render(chart, copy.deepcopy(SCENARIOS["extra-containers"]))
+    gateway = one(objects, "Deployment", "gateway")
+    pod = gateway["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["gateway", "proxy"]
+    assert [c["name"] for c in pod["initContainers"]] == ["wait"]
+    gw = container(gateway, "gateway")
+    assert {"name": "EXTRA", "value": "1"} in gw["env"]
+    assert {"name": "extra", "mountPath": "/etc/extra", "readOnly": True} in gw["volumeMounts"]
+    assert {"name": "extra", "secret": {"secretName": "extra"}} in pod["volumes"]
+    triton = one(objects, "Deployment", "triton")["spec"]["template"]["spec"]
+    assert [c["name"] for c in triton["containers"]] == ["triton", "exporter"]
+    # The model repository is copied first: a user's init container may read it.
+    assert [c["name"] for c in triton["initContainers"]] == ["model-repository", "warm"]
+    objects, _ = render(
+        chart, {**copy.deepcopy(SCENARIOS["model-repo-pvc"]), "triton": {"initContainers": []}}
+    )
+    assert "initContainers" not in one(objects, "Deployment", "triton")["spec"]["template"]["spec"]
+    objects, _ = render(
+        chart,
+        {
+            **copy.deepcopy(SCENARIOS["model-repo-pvc"]),
+            "triton": {"initContainers": [{"name": "warm", "image": "busybox:1"}]},
+        },
+    )
+    triton = one(objects, "Deployment", "triton")["spec"]["template"]["spec"]
+    assert [c["name"] for c in triton["initContainers"]] == ["warm"]
+
+
+# --- Gateway processes (--workers) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("gateway", "workers"),
+    [
+        ({}, 1),  # the default request, "1"
+        ({"resources": {"requests": {"cpu": "500m"}}}, 1),
+        ({"resources": {"requests": {"cpu": "100m"}}}, 1),
+        ({"resources": {"requests": {"cpu": "2"}}}, 2),
+        ({"resources": {"requests": {"cpu": "2500m"}}}, 3),
+        ({"resources": {"requests": {"cpu": 1.5}}}, 2),
+        ({"resources": {"requests": {"cpu": 4}}}, 4),
+        ({"resources": {"requests": {"cpu": None}}}, 1),
+        ({"resources": {"requests": {"cpu": "3"}}, "workers": 2}, 2),  # an explicit count wins
+    ],
+)
+def test_workers_follow_the_cpu_request(
+    chart: Chart, gateway: Obj, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects, _ = render(chart, {"gateway": copy.deepcopy(gateway)})
+    gw = container(one(objects, "Deployment", "gateway"), "gateway")
+    assert flag_value(gw["args"], "--workers") == str(workers)
+    if "--workers" in _known_flags():
+        ns, _ = _parse_gateway_command(gw, monkeypatch)
+        assert ns.workers == workers
+
+
+# --- Listeners: HTTP API and metrics --------------------------------------------------------------
+
+
+def test_http_api_listens_on_the_pod_and_the_service(chart: Chart) -> None:
+    objects, _ = render(chart, {"gateway": {"http": {"port": 8088, "ui": True}}})
+    gateway = one(objects, "Deployment", "gateway")
+    gw = container(gateway, "gateway")
+    ports = {p["name"]: p["containerPort"] for p in gw["ports"]}
+    assert flag_value(gw["args"], "--http-listen") == f"0.0.0.0:{ports['http']}" == "0.0.0.0:8088"
+    assert "--http-ui" in gw["args"]
+    service = one(objects, "Service", "gateway")
+    http = next(p for p in service["spec"]["ports"] if p["name"] == "http")
+    assert (http["port"], http["targetPort"]) == (8088, "http")
+    # Probes stay on gRPC health: the HTTP API is not what readiness means.
+    assert "grpc" in gw["readinessProbe"]
+    objects, _ = render(chart, {})
+    gw = container(one(objects, "Deployment", "gateway"), "gateway")
+    assert flag_value(gw["args"], "--http-listen") == "0.0.0.0:8080" and "--http-ui" not in gw["args"]
+
+
+def test_listeners_turned_off_listen_nowhere(chart: Chart) -> None:
+    objects, _ = render(chart, copy.deepcopy(SCENARIOS["listeners-off"]))
+    gw = container(one(objects, "Deployment", "gateway"), "gateway")
+    # Empty, not absent: the gateway's own defaults would listen on loopback.
+    assert flag_value(gw["args"], "--http-listen") == ""
+    assert flag_value(gw["args"], "--metrics-listen") == ""
+    assert {p["name"] for p in gw["ports"]} == {"grpc"}
+    assert [p["name"] for p in one(objects, "Service", "gateway")["spec"]["ports"]] == ["grpc"]
+    assert not [o for o in objects if o["kind"] == "Service" and "gateway-metrics" in str(o["metadata"])]
+    assert not [o for o in objects if o["kind"] == "Pod"]
+
+
+def test_gateway_metrics_listen_where_the_service_points(
+    chart: Chart, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects, _ = render(chart, {"gateway": {"metrics": {"port": 9100}}})
+    gateway = one(objects, "Deployment", "gateway")
+    gw = container(gateway, "gateway")
+    ports = {p["name"]: p["containerPort"] for p in gw["ports"]}
+    assert flag_value(gw["args"], "--metrics-listen") == f"0.0.0.0:{ports['metrics']}" == "0.0.0.0:9100"
+    ns, _ = _parse_gateway_command(gw, monkeypatch)
+    assert ns.metrics_listen == "0.0.0.0:9100"
+    metrics = one(objects, "Service", "gateway-metrics")
+    assert metrics["spec"]["clusterIP"] == "None", "headless: every pod is a target"
+    assert selects(metrics["spec"]["selector"], pod_labels(gateway))
+    assert metrics["spec"]["ports"] == [
+        {"name": "metrics", "port": 9100, "targetPort": "metrics", "protocol": "TCP", "appProtocol": "http"}
+    ]
+    # Not on the API Service, which may be a LoadBalancer.
+    assert "metrics" not in {p["name"] for p in one(objects, "Service", "gateway")["spec"]["ports"]}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"gateway": {"http": {"port": 50051}}}, "the gateway's ports must differ"),
+        ({"gateway": {"metrics": {"port": 8080}}}, "8080, 8080"),
+        (
+            {"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}},
+            "would scrape every pod twice",
+        ),
+        (
+            {"gateway": {"tls": {"enabled": True, "existingSecret": "x", "clientAuth": True}}},
+            "needs tests.tls.clientSecret",
+        ),
+    ],
+)
+def test_new_values_that_contradict_fail_with_a_clear_message(
+    chart: Chart, values: Obj, message: str
+) -> None:
+    with pytest.raises(HelmRenderError, match=re.escape(message)):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+# --- Scraping --------------------------------------------------------------------------------------
+
+
+def _service_with_port(objects: list[Obj], match_labels: dict[str, str], port: str) -> Obj:
+    """The one Service a monitor's selector picks, which must have the named port."""
+    services = [
+        o for o in objects if o["kind"] == "Service" and selects(match_labels, o["metadata"]["labels"])
+    ]
+    assert len(services) == 1, [s["metadata"]["name"] for s in services]
+    assert port in {p["name"] for p in services[0]["spec"]["ports"]}
+    return services[0]
+
+
+@pytest.mark.parametrize("scenario_name", ["monitoring", "pod-monitor"])
+def test_monitors_select_the_metrics_ports(chart: Chart, scenario_name: str) -> None:
+    objects, _ = render(chart, copy.deepcopy(SCENARIOS[scenario_name]))
+    monitors = [o for o in objects if o["apiVersion"].startswith(f"{MONITORING}/")]
+    kind = "ServiceMonitor" if scenario_name == "monitoring" else "PodMonitor"
+    assert sorted(m["metadata"]["labels"]["app.kubernetes.io/component"] for m in monitors) == [
+        "gateway",
+        "triton",
+    ]
+    for monitor in monitors:
+        check_monitor_shape(monitor)
+        assert monitor["kind"] == kind
+        component = monitor["metadata"]["labels"]["app.kubernetes.io/component"]
+        deployment = one(objects, "Deployment", component)
+        other = one(objects, "Deployment", "triton" if component == "gateway" else "gateway")
+        pod_ports = {p["name"] for p in container(deployment, component)["ports"]}
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        if kind == "ServiceMonitor":
+            assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+            (endpoint,) = monitor["spec"]["endpoints"]
+            service = _service_with_port(objects, selector, endpoint["port"])
+            port = next(p for p in service["spec"]["ports"] if p["name"] == endpoint["port"])
+            assert selects(service["spec"]["selector"], pod_labels(deployment))
+            assert port["targetPort"] in pod_ports
+            assert endpoint["interval"] == "30s"
+        else:
+            (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+            assert selects(selector, pod_labels(deployment)) and not selects(selector, pod_labels(other))
+            assert endpoint["port"] in pod_ports and endpoint["interval"] == "15s"
+        assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    assert not [o for o in render(chart, {})[0] if o["apiVersion"].startswith(f"{MONITORING}/")]
+    # A gateway without metrics leaves only Triton's.
+    values = copy.deepcopy(SCENARIOS[scenario_name])
+    values["gateway"] = {"metrics": {"enabled": False}}
+    objects, _ = render(chart, values)
+    monitors = [o for o in objects if o["apiVersion"].startswith(f"{MONITORING}/")]
+    assert [m["metadata"]["labels"]["app.kubernetes.io/component"] for m in monitors] == ["triton"]
+
+
+def test_only_scrapers_reach_the_metrics_ports(chart: Chart) -> None:
+    scrapers = [{"namespaceSelector": {"matchLabels": {"team": "observability"}}}]
+    extra = [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
+    objects, _ = render(
+        chart,
+        {
+            "metrics": {"networkPolicy": {"from": scrapers}},
+            "triton": {"networkPolicy": {"metricsFrom": extra}},
+        },
+    )
+    gateway = _rules_by_port(one(objects, "NetworkPolicy", "gateway")["spec"])
+    triton = _rules_by_port(one(objects, "NetworkPolicy", "triton")["spec"])
+    assert gateway["metrics"] == [scrapers]
+    assert triton["metrics"] == [scrapers + extra]
+    for opened in (gateway, triton):
+        for port, sources in opened.items():
+            if port != "metrics":
+                assert scrapers not in sources, port
+    objects, _ = render(chart, {"metrics": {"networkPolicy": {"from": []}}})
+    assert "metrics" not in _rules_by_port(one(objects, "NetworkPolicy", "gateway")["spec"])
+    assert "metrics" not in _rules_by_port(one(objects, "NetworkPolicy", "triton")["spec"])
+
+
+# --- Egress -----------------------------------------------------------------------------------------
+
+
+def _egress_ports(rule: Obj) -> set[tuple[int, str]]:
+    return {(p["port"], p["protocol"]) for p in rule["ports"]}
+
+
+def test_egress_reaches_dns_triton_collector_and_redis_only(chart: Chart) -> None:
+    objects, _ = render(chart, copy.deepcopy(SCENARIOS["egress"]))
+    policy = one(objects, "NetworkPolicy", "gateway")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    rules = policy["egress"]
+    triton = one(objects, "Deployment", "triton")
+    by_ports = {frozenset(_egress_ports(r)): r for r in rules}
+    assert set(by_ports) == {
+        frozenset({(53, "UDP"), (53, "TCP")}),
+        frozenset({(8001, "TCP")}),
+        frozenset({(4318, "TCP")}),
+        frozenset({(6380, "TCP")}),
+    }
+    dns = by_ports[frozenset({(53, "UDP"), (53, "TCP")})]
+    assert dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    (to_triton,) = by_ports[frozenset({(8001, "TCP")})]["to"]
+    assert set(to_triton) == {"podSelector"} and selects(
+        to_triton["podSelector"]["matchLabels"], pod_labels(triton)
+    )
+    # No peers given for the collector and Redis: their port, to any destination.
+    assert "to" not in by_ports[frozenset({(4318, "TCP")})]
+    objects, _ = render(
+        chart,
+        {
+            "gateway": {
+                "networkPolicy": {
+                    "egress": {
+                        "enabled": True,
+                        "redisTo": [{"podSelector": {"matchLabels": {"app": "redis"}}}],
+                        "redisPort": 7000,
+                        "extraRules": [{"to": [{"ipBlock": {"cidr": "192.0.2.0/24"}}]}],
+                    }
+                },
+                "limits": {"redis": {"existingSecret": "redis"}},
+            },
+            "otel": {"endpoint": "https://collector.example"},
+        },
+    )
+    rules = one(objects, "NetworkPolicy", "gateway")["spec"]["egress"]
+    redis = next(r for r in rules if "ports" in r and _egress_ports(r) == {(7000, "TCP")})
+    assert redis["to"] == [{"podSelector": {"matchLabels": {"app": "redis"}}}]
+    assert any("ports" in r and _egress_ports(r) == {(443, "TCP")} for r in rules)
+    assert {"to": [{"ipBlock": {"cidr": "192.0.2.0/24"}}]} in rules
+    # Off by default: egress is not restricted at all.
+    objects, _ = render(chart, {})
+    policy = one(objects, "NetworkPolicy", "gateway")["spec"]
+    assert policy["policyTypes"] == ["Ingress"] and "egress" not in policy
+
+
+# --- Shared per-key limits --------------------------------------------------------------------------
+
+
+def test_shared_limits_url_comes_from_a_secret(chart: Chart, monkeypatch: pytest.MonkeyPatch) -> None:
+    objects, _ = render(chart, copy.deepcopy(SCENARIOS["shared-limits"]))
+    deployment = one(objects, "Deployment", "gateway")
+    gw = container(deployment, "gateway")
+    (env,) = [e for e in gw["env"] if e["name"] == "BGREMOVE_LIMITS_REDIS_URL"]
+    ref = env["valueFrom"]["secretKeyRef"]
+    (secret,) = [s for s in _secrets(objects, "gateway") if s["metadata"]["name"] == ref["name"]]
+    assert base64.b64decode(secret["data"][ref["key"]]).decode() == "redis://:secret@redis.cache.svc:6380/0"
+    assert "secret@" not in str(deployment), "the password is in the Secret only"
+    assert "checksum/limits-redis" in deployment["spec"]["template"]["metadata"]["annotations"]
+    # Each gateway admits its share of a key's limits while Redis does not answer.
+    assert flag_value(gw["args"], "--limits-replicas") == "3"
+    if "--limits-replicas" in _known_flags():
+        ns, _ = _parse_gateway_command(gw, monkeypatch)
+        assert ns.limits_replicas == 3
+        assert ns.limits_redis_url == "redis://stand-in:6379/0"
+
+
+def test_shared_limits_with_an_autoscaler_count_the_most_replicas(chart: Chart) -> None:
+    objects, _ = render(chart, copy.deepcopy(SCENARIOS["shared-limits-hpa"]))
+    gw = container(one(objects, "Deployment", "gateway"), "gateway")
+    assert flag_value(gw["args"], "--limits-replicas") == "12"
+    (env,) = [e for e in gw["env"] if e["name"] == "BGREMOVE_LIMITS_REDIS_URL"]
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "redis-url", "key": "url"}
+    assert not _secrets(objects, "gateway")
+    values = copy.deepcopy(SCENARIOS["shared-limits-hpa"])
+    values["gateway"]["limits"]["replicas"] = 5
+    gw = container(one(render(chart, values)[0], "Deployment", "gateway"), "gateway")
+    assert flag_value(gw["args"], "--limits-replicas") == "5"
+    # Without Redis each gateway enforces the limits alone: neither the flag nor the variable.
+    gw = container(one(render(chart, {})[0], "Deployment", "gateway"), "gateway")
+    assert "--limits-replicas" not in gw["args"]
+    assert not [e for e in gw["env"] if "REDIS" in e["name"]]
+
+
+# --- helm test -------------------------------------------------------------------------------------
+
+
+def _test_pod(objects: list[Obj]) -> Obj:
+    (pod,) = [o for o in objects if o["kind"] == "Pod"]
+    return pod
+
+
+def test_helm_test_pod_calls_the_gateway_service(chart: Chart) -> None:
+    objects, notes = render(chart, {})
+    assert f"helm test {RELEASE} --namespace {NAMESPACE} --logs" in notes
+    pod = _test_pod(objects)
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["restartPolicy"] == "Never"
+    (c,) = pod["spec"]["containers"]
+    gateway = one(objects, "Deployment", "gateway")
+    assert c["image"] == container(gateway, "gateway")["image"], "the gateway image has the client"
+    assert c["command"][:2] == ["python", "-c"]
+    script = (CHART_DIR / "files" / "helm-test.py").read_text()
+    assert c["command"][2].strip() == script.strip()
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    service = one(objects, "Service", "gateway")
+    grpc_port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
+    host = f"{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+    assert env == {"BGREMOVE_TEST_TARGET": f"{host}:{grpc_port['port']}"}
+    # The gateway's NetworkPolicy lets it in.
+    opened = _rules_by_port(one(objects, "NetworkPolicy", "gateway")["spec"])
+    assert any(
+        selects(peer.get("podSelector", {}).get("matchLabels", {}), pod["metadata"]["labels"])
+        and "namespaceSelector" not in peer
+        for sources in opened["grpc"]
+        for peer in sources
+    )
+    objects, notes = render(chart, {"tests": {"enabled": False}})
+    assert not [o for o in objects if o["kind"] == "Pod"] and "helm test" not in notes
+
+
+def test_helm_test_pod_speaks_tls_and_sends_a_key(chart: Chart) -> None:
+    objects, _ = render(chart, copy.deepcopy(SCENARIOS["existing-secrets-mtls"]))
+    pod = _test_pod(objects)
+    (c,) = pod["spec"]["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v["secret"] for v in pod["spec"]["volumes"]}
+    assert env["BGREMOVE_TEST_TLS"]["value"] == "1"
+    # The CA: the gateway's TLS Secret's ca.crt unless another Secret is named; optional.
+    assert env["BGREMOVE_TEST_CA_FILE"]["value"] == f"{mounts['ca']}/ca.crt"
+    assert volumes["ca"]["secretName"] == "gw-cert" and volumes["ca"]["optional"] is True
+    assert env["BGREMOVE_TEST_CLIENT_CERT_FILE"]["value"] == f"{mounts['client']}/tls.crt"
+    assert env["BGREMOVE_TEST_CLIENT_KEY_FILE"]["value"] == f"{mounts['client']}/tls.key"
+    assert volumes["client"]["secretName"] == "test-client-cert"
+    assert env["BGREMOVE_TEST_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "test-key", "key": "api-key"}
+    # Keys on but none to test with: the test checks that a call without a key is refused.
+    objects, _ = render(chart, copy.deepcopy(SCENARIOS["created-api-keys"]))
+    env = {e["name"]: e.get("value") for e in _test_pod(objects)["spec"]["containers"][0]["env"]}
+    assert env["BGREMOVE_TEST_EXPECT_UNAUTHENTICATED"] == "1" and "BGREMOVE_TEST_API_KEY" not in env
+    objects, _ = render(
+        chart,
+        {
+            "gateway": {"tls": {"enabled": True, "existingSecret": "gw-cert"}},
+            "tests": {"tls": {"caSecret": "corp-ca", "caKey": "root.pem", "serverName": "bgremove.example"}},
+        },
+    )
+    pod = _test_pod(objects)
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["BGREMOVE_TEST_SERVER_NAME"] == "bgremove.example"
+    (ca,) = pod["spec"]["volumes"]
+    assert ca["secret"]["secretName"] == "corp-ca"
+    assert ca["secret"]["items"] == [{"key": "root.pem", "path": "ca.crt"}]
+
+
+# --- Grafana dashboard ------------------------------------------------------------------------------
+
+DASHBOARD = CHART_DIR / "dashboards" / "bgremove.json"
+
+
+def dashboard_expressions(dashboard: Obj) -> list[str]:
+    """Every PromQL expression of the dashboard's panels, rows included."""
+    panels = [p for top in dashboard["panels"] for p in [top, *top.get("panels", [])]]
+    return [t["expr"] for p in panels for t in p.get("targets", [])]
+
+
+def test_dashboard_configmap_carries_the_sidecar_label(chart: Chart) -> None:
+    objects, _ = render(chart, copy.deepcopy(SCENARIOS["monitoring"]))
+    (configmap,) = [o for o in objects if o["kind"] == "ConfigMap"]
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(configmap["data"]["bgremove.json"]) == json.loads(DASHBOARD.read_text())
+    objects, _ = render(
+        chart,
+        {
+            "grafana": {
+                "dashboard": {
+                    "enabled": True,
+                    # null drops the default label, as `--set` with null does.
+                    "labels": {"grafana_dashboard": None, "dashboards": "bgremove"},
+                    "annotations": {"grafana_folder": "Imaging"},
+                    "namespace": "monitoring",
+                }
+            }
+        },
+    )
+    (configmap,) = [o for o in objects if o["kind"] == "ConfigMap"]
+    kubernetes_validate.validate(configmap, latest_version(), strict=True)
+    assert configmap["metadata"]["namespace"] == "monitoring"
+    assert configmap["metadata"]["labels"]["dashboards"] == "bgremove"
+    assert "grafana_dashboard" not in configmap["metadata"]["labels"]
+    assert configmap["metadata"]["annotations"] == {"grafana_folder": "Imaging"}
+    assert not [o for o in render(chart, {})[0] if o["kind"] == "ConfigMap"]
+
+
+def test_dashboard_panels_are_well_formed() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells: set[tuple[int, int]] = set()
+    for p in panels:
+        box = p["gridPos"]
+        assert box["x"] + box["w"] <= 24
+        for x in range(box["x"], box["x"] + box["w"]):
+            for y in range(box["y"], box["y"] + box["h"]):
+                assert (x, y) not in cells, f"{p['title']} overlaps another panel"
+                cells.add((x, y))
+        for target in p.get("targets", []):
+            assert target["datasource"]["uid"] == "${datasource}"
+            # Every query is limited to the namespaces picked at the top.
+            assert target["expr"].count("{") == target["expr"].count('namespace=~"$namespace"'), target[
+                "expr"
+            ]
+    titles = " ".join(p["title"] for p in panels)
+    for topic in ("Calls/s by code", "Step latency", "refusals", "Queue time", "Batch size", "replica"):
+        assert topic in titles, topic
+    expressions = " ".join(dashboard_expressions(dashboard))
+    assert "histogram_quantile" in expressions and "bgremove_step_duration_seconds_bucket" in expressions

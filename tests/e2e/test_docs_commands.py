@@ -70,6 +70,7 @@ PHOTOS = (FIXTURES / "car-1.jpg", FIXTURES / "anime-girl-1.jpg")
 DOC_GATEWAY_PORT = 50051
 DOC_TRITON_PORT = 8201
 DOC_OTLP_PORT = 4318
+DOC_HTTP_PORT = 8080  # the HTTP API's (docs/http-api.md)
 BLOCK_TIMEOUT_S = 120
 LOOPBACK_PORT = re.compile(r"(?<=127\.0\.0\.1:)(\d{2,5})\b")
 # `bgremove` as a command word (not `.venv/bin/bgremove`, not inside a comment).
@@ -156,7 +157,16 @@ class Reader:
 def reader(gateway: GatewayProcess) -> Iterator[Reader]:
     """A gateway where the docs expect `make run`'s, on the session's Triton, and a reader's env."""
     port = DOC_GATEWAY_PORT if port_is_free(DOC_GATEWAY_PORT) else free_port()
-    service = GatewayProcess(port=port, args=["--triton-url", f"127.0.0.1:{gateway.triton_grpc_port}"])
+    http_port = DOC_HTTP_PORT if port_is_free(DOC_HTTP_PORT) else free_port()
+    service = GatewayProcess(
+        port=port,
+        args=[
+            "--triton-url",
+            f"127.0.0.1:{gateway.triton_grpc_port}",
+            "--http-listen",
+            f"127.0.0.1:{http_port}",
+        ],
+    )
     collector = OtlpReceiver()
     venv_bins = {Path(sys.executable).parent, REPO / ".venv" / "bin"}
     path = os.pathsep.join(
@@ -176,6 +186,7 @@ def reader(gateway: GatewayProcess) -> Iterator[Reader]:
                     DOC_GATEWAY_PORT: port,
                     DOC_TRITON_PORT: gateway.triton_grpc_port,
                     DOC_OTLP_PORT: collector.port,
+                    DOC_HTTP_PORT: http_port,
                 },
                 env=env,
             )

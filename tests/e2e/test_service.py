@@ -101,7 +101,9 @@ def test_every_output_format(gateway: GatewayProcess) -> None:
         pb.OUTPUT_FORMAT_JPEG: ("image/jpeg", "JPEG", "RGB"),
     }
     for fmt, (ctype, pil_format, mode) in expected.items():
-        opts = pb.Options(format=fmt, bg_color=pb.Color(r=0, g=255, b=0))
+        # bg_color would make PNG and WebP opaque (tests/e2e/test_options.py): JPEG's alone here.
+        green = pb.Color(r=0, g=255, b=0) if fmt == pb.OUTPUT_FORMAT_JPEG else None
+        opts = pb.Options(format=fmt, bg_color=green)
         header, body, _ = stream_remove(gateway.target, jpeg, options=opts)
         img = Image.open(io.BytesIO(body))
         assert (header.content_type, img.format, img.mode) == (ctype, pil_format, mode)
@@ -159,7 +161,7 @@ def test_service_info_reports_models_and_limits(gateway: GatewayProcess) -> None
     ]
     assert info.limits.max_upload_bytes > info.limits.max_unary_bytes > 0
     assert info.limits.max_chunk_bytes > 0 and info.limits.max_pixels > 0
-    assert set(info.output_formats) == {1, 2, 3, 4}
+    assert set(info.output_formats) == {1, 2, 3, 4, 5}
     assert {"image/jpeg", "image/png", "image/webp"} <= set(info.input_content_types)
 
 

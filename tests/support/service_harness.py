@@ -179,8 +179,11 @@ class GatewayProcess:
             str(free_port()),
             *self.args,
         ]
-        # No metrics listener unless a test asks (--metrics-listen wins): gateways run side by side.
-        env = {**os.environ, "BGREMOVE_METRICS_LISTEN": "", **self.env}
+        # No metrics or HTTP listener unless a test asks (--metrics-listen, --http-listen win): gateways
+        # run side by side, and the HTTP port is shared (SO_REUSEPORT) by gateways that bind it.
+        env = {**os.environ, "BGREMOVE_METRICS_LISTEN": "", "BGREMOVE_HTTP_LISTEN": "", **self.env}
+        # One gateway process unless a test asks for more (--workers wins): the suite's cost stays.
+        env["BGREMOVE_WORKERS"] = self.env.get("BGREMOVE_WORKERS", "1")
         self.proc = subprocess.Popen(
             cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, cwd=REPO
         )

@@ -8,8 +8,8 @@ a.jpg), the first in input order gets <stem>.<ext> and later ones <stem>-2.<ext>
 a name that is one of the inputs is never used, so writing into the input folder cannot overwrite a
 photo. Existing outputs are replaced, so a re-run is idempotent.
 
-The format is --format; else jpeg with --bg-color; else, for a single output file, the one its
-extension names (.png, .webp, .jpg/.jpeg; a mask needs --format mask); else png. A single output
+The format is --format; else, for a single output file, the one its extension names (.png, .webp,
+.jpg/.jpeg, .zip; a mask needs --format mask); else jpeg with --bg-color; else png. A single output
 file whose extension is unknown or disagrees with the format is a usage error, found before any
 image is sent.
 
@@ -36,7 +36,17 @@ from tqdm import tqdm
 from bgremove.channel import DEFAULT_TARGET, InsecureKeyWarning, plaintext_key_warning
 from bgremove.client import DEFAULT_TIMEOUT, AsyncClient
 from bgremove.errors import BgRemoveError
-from bgremove.options import FORMATS, OutputFormatName, RemoveOptions, Rgb, parse_color
+from bgremove.options import (
+    FORMATS,
+    OutputFormatName,
+    RemoveOptions,
+    Rgb,
+    parse_color,
+    parse_margins,
+    parse_position,
+    parse_roi,
+    parse_scale,
+)
 from bgremove.result import RemovalResult
 from bgremove.tracing import configure_tracing, shutdown_tracing
 
@@ -48,6 +58,7 @@ _SUFFIX_FORMATS: dict[str, OutputFormatName] = {
     ".webp": "webp",
     ".jpg": "jpeg",
     ".jpeg": "jpeg",
+    ".zip": "zip",
 }
 # A server asking to retry later (google.rpc.RetryInfo) is obeyed this many times per image.
 MAX_ATTEMPTS = 3
@@ -84,18 +95,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         choices=FORMATS,
         default=None,
-        help="png or webp cut-out, mask (alpha matte PNG), jpeg on --bg-color; default: jpeg with "
-        "--bg-color, else OUT's extension for a single file (.png, .webp, .jpg, .jpeg), else png",
+        help="png or webp cut-out, mask (alpha matte PNG), jpeg on --bg-color, zip (color.jpg + "
+        "alpha.png); default: OUT's extension for a single file (.png, .webp, .jpg, .jpeg, .zip), "
+        "else jpeg with --bg-color, else png",
     )
     parser.add_argument(
-        "--bg-color", type=_color, default=None, metavar="COLOR", help="'#rrggbb' or a name (jpeg only)"
+        "--bg-color",
+        type=_color,
+        default=None,
+        metavar="COLOR",
+        help="'#rrggbb' or a name: the background (opaque result; not for mask or zip)",
+    )
+    parser.add_argument(
+        "--bg-image",
+        type=_read_file,
+        default=None,
+        metavar="FILE",
+        help="a JPEG, PNG or WebP under the subject, resized to cover the result (not for mask or zip)",
     )
     parser.add_argument("--crop", action="store_true", help="crop to the subject")
     parser.add_argument(
-        "--crop-margin", type=_non_negative, default=0, metavar="N", help="pixels kept around the subject"
+        "--crop-margin",
+        type=_crop_margin,
+        default=0,
+        metavar="M",
+        help="kept around the subject with --crop: N pixels, or '10%%', '20px 5%%' (top/bottom, "
+        "left/right) or four values (top right bottom left); %% of the subject, capped at 50%%",
+    )
+    parser.add_argument(
+        "--roi",
+        type=_roi,
+        default=None,
+        metavar="'X1 Y1 X2 Y2'",
+        help="keep only the subject inside this region: pixels (30 or 30px) or %% of the image",
+    )
+    parser.add_argument(
+        "--scale",
+        type=_scale,
+        default=None,
+        metavar="S",
+        help="the subject's size relative to the result, 10%%..100%%, or original (default); "
+        "centres it unless --position says otherwise",
+    )
+    parser.add_argument(
+        "--position",
+        type=_position,
+        default=None,
+        metavar="P",
+        help="original, center, or '50%%' / '20%% 80%%' of the free space (horizontal, vertical)",
     )
     parser.add_argument(
         "--max-side", type=_non_negative, default=0, metavar="N", help="downscale so the longer side is ≤ N"
+    )
+    parser.add_argument(
+        "--max-output-pixels",
+        type=_non_negative,
+        default=0,
+        metavar="N",
+        help="downscale to at most N pixels (remove.bg's preview: 250000, hd: 4000000)",
     )
     parser.add_argument("--model", default="", help="model name; default: the server's default")
     parser.add_argument(
@@ -227,33 +284,39 @@ def _options(ns: argparse.Namespace) -> RemoveOptions:
             crop_margin=ns.crop_margin,
             max_output_side=ns.max_side,
             model=ns.model,
+            roi=ns.roi,
+            scale=ns.scale,
+            position=ns.position,
+            bg_image=ns.bg_image,
+            max_output_pixels=ns.max_output_pixels,
         )
     except ValueError as error:
-        raise UsageError(str(error).replace("bg_color", "--bg-color")) from None
+        message = str(error).replace("bg_color", "--bg-color").replace("bg_image", "--bg-image")
+        raise UsageError(message) from None
 
 
 def _output_format(ns: argparse.Namespace) -> OutputFormatName:
-    """--format; else jpeg for --bg-color; else, for a single output file, its extension's format.
+    """--format; else, for a single output file, its extension's format; else jpeg for --bg-color.
 
     A single output file's extension must agree with the format, so the bytes written are what the
     name says: -o cut.jpg --format png, or -o out.bmp, is refused instead of silently written as PNG."""
     fmt: OutputFormatName | None = ns.format
     chosen_by = f"--format {fmt}"
-    # Only the JPEG result has a background, so --bg-color chooses it as --format jpeg would.
-    if fmt is None and ns.bg_color is not None:
-        fmt, chosen_by = "jpeg", "--bg-color (a JPEG result)"
     if not _single_output(ns.inputs, ns.output):
-        return fmt or "png"
+        # A colour background makes an opaque picture, which JPEG stores best.
+        return fmt or ("jpeg" if ns.bg_color is not None else "png")
     out: Path = ns.output
     suffix = out.suffix.lower()
     if fmt is None:
-        if suffix not in _SUFFIX_FORMATS:
-            what = f"{suffix} is not a format bgremove writes" if suffix else "it has no extension"
-            raise UsageError(
-                f"cannot tell the output format from -o {out}: {what}; name it .png, .webp, .jpg or "
-                ".jpeg, or give --format"
-            )
-        return _SUFFIX_FORMATS[suffix]
+        if suffix in _SUFFIX_FORMATS:
+            return _SUFFIX_FORMATS[suffix]
+        if not suffix and ns.bg_color is not None:
+            return "jpeg"
+        what = f"{suffix} is not a format bgremove writes" if suffix else "it has no extension"
+        raise UsageError(
+            f"cannot tell the output format from -o {out}: {what}; name it .png, .webp, .jpg, .jpeg "
+            "or .zip, or give --format"
+        )
     # A mask is a PNG file.
     wanted = [s for s, f in _SUFFIX_FORMATS.items() if f == ("png" if fmt == "mask" else fmt)]
     if suffix and suffix not in wanted:
@@ -396,6 +459,42 @@ def _color(value: str) -> Rgb:
         return parse_color(value)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error).replace("bg_color ", "")) from None
+
+
+def _read_file(value: str) -> bytes:
+    try:
+        return Path(value).read_bytes()
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot read {value}: {error.strerror or error}") from None
+
+
+def _checked(parse: Callable[[str], object], value: str) -> str:
+    """`value` as given, once `parse` (a bgremove.options parser) accepts it."""
+    try:
+        parse(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
+def _crop_margin(value: str) -> int | str:
+    """A plain number is the pixel margin of every side (Options.crop_margin); any other form
+    (px or % suffixes, two or four values) goes as Options.crop_margins."""
+    if value.strip().isdigit():
+        return int(value)
+    return _checked(parse_margins, value)
+
+
+def _roi(value: str) -> str:
+    return _checked(parse_roi, value)
+
+
+def _scale(value: str) -> str:
+    return _checked(parse_scale, value)
+
+
+def _position(value: str) -> str:
+    return _checked(parse_position, value)
 
 
 def _non_negative(value: str) -> int:

@@ -29,6 +29,10 @@
 {{- printf "%s-headless" (include "bgremove.triton.fullname" .) }}
 {{- end }}
 
+{{- define "bgremove.gateway.metricsService" -}}
+{{- printf "%s-metrics" (include "bgremove.gateway.fullname" .) }}
+{{- end }}
+
 {{- define "bgremove.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -108,6 +112,8 @@ topologySpreadConstraints:
   - topologyKey: topology.kubernetes.io/zone
     maxSkew: {{ .cfg.topologySpread.zone.maxSkew }}
     whenUnsatisfiable: {{ .cfg.topologySpread.zone.whenUnsatisfiable }}
+    nodeAffinityPolicy: {{ .cfg.topologySpread.zone.nodeAffinityPolicy }}
+    nodeTaintsPolicy: {{ .cfg.topologySpread.zone.nodeTaintsPolicy }}
     labelSelector:
       matchLabels:
         {{- include "bgremove.selectorLabels" . | nindent 8 }}
@@ -116,6 +122,8 @@ topologySpreadConstraints:
   - topologyKey: kubernetes.io/hostname
     maxSkew: {{ .cfg.topologySpread.hostname.maxSkew }}
     whenUnsatisfiable: {{ .cfg.topologySpread.hostname.whenUnsatisfiable }}
+    nodeAffinityPolicy: {{ .cfg.topologySpread.hostname.nodeAffinityPolicy }}
+    nodeTaintsPolicy: {{ .cfg.topologySpread.hostname.nodeTaintsPolicy }}
     labelSelector:
       matchLabels:
         {{- include "bgremove.selectorLabels" . | nindent 8 }}
@@ -142,17 +150,64 @@ affinity:
 {{- end }}
 {{- end }}
 
-{{/* Restricted pod security: https://kubernetes.io/docs/concepts/security/pod-security-standards/ */}}
-{{- define "bgremove.containerSecurityContext" -}}
-allowPrivilegeEscalation: false
-privileged: false
-readOnlyRootFilesystem: true
-runAsNonRoot: true
-capabilities:
-  drop:
-    - ALL
-seccompProfile:
-  type: RuntimeDefault
+{{/*
+A securityContext from values (restricted by default: https://kubernetes.io/docs/concepts/security/pod-security-standards/).
+Call with (dict "ctx" $ "sc" .Values.gateway.podSecurityContext). With openshift: true the ids are
+left out, so the restricted-v2 SCC can assign the namespace's own.
+*/}}
+{{- define "bgremove.securityContext" -}}
+{{- $sc := deepCopy (default (dict) .sc) }}
+{{- if .ctx.Values.openshift }}
+{{- $sc = omit $sc "runAsUser" "runAsGroup" "fsGroup" }}
+{{- end }}
+{{- toYaml $sc }}
+{{- end }}
+
+{{/*
+--workers: gateway.workers, or the CPU request rounded up to whole cores ("500m" -> 1, "2" -> 2,
+"2500m" -> 3), at least 1. A pod without a CPU request gets 1.
+*/}}
+{{- define "bgremove.gateway.workers" -}}
+{{- $g := .Values.gateway }}
+{{- if $g.workers }}
+{{- int $g.workers }}
+{{- else }}
+{{- $cpu := toString (dig "requests" "cpu" "1" $g.resources) }}
+{{- $cores := 0.0 }}
+{{- if hasSuffix "m" $cpu }}
+{{- $cores = divf (trimSuffix "m" $cpu | float64) 1000 }}
+{{- else }}
+{{- $cores = float64 $cpu }}
+{{- end }}
+{{- max 1 (ceil $cores | int) }}
+{{- end }}
+{{- end }}
+
+{{/* Shared per-key limits through Redis: on when a URL or a Secret holding one is given. */}}
+{{- define "bgremove.gateway.redisEnabled" -}}
+{{- $r := .Values.gateway.limits.redis }}
+{{- if or $r.url $r.existingSecret }}true{{ end }}
+{{- end }}
+
+{{- define "bgremove.gateway.redisSecretName" -}}
+{{- default (printf "%s-limits-redis" (include "bgremove.gateway.fullname" .)) .Values.gateway.limits.redis.existingSecret }}
+{{- end }}
+
+{{/* --limits-replicas: what each gateway divides a key's limits by while Redis does not answer. */}}
+{{- define "bgremove.gateway.limitsReplicas" -}}
+{{- $g := .Values.gateway }}
+{{- if $g.limits.replicas }}
+{{- int $g.limits.replicas }}
+{{- else if $g.autoscaling.enabled }}
+{{- int $g.autoscaling.maxReplicas }}
+{{- else }}
+{{- int $g.replicaCount }}
+{{- end }}
+{{- end }}
+
+{{/* Labels of the `helm test` pod, which the gateway's NetworkPolicy admits. */}}
+{{- define "bgremove.test.selectorLabels" -}}
+{{- include "bgremove.selectorLabels" (dict "ctx" . "component" "test") }}
 {{- end }}
 
 {{/*
@@ -187,6 +242,19 @@ a PodDisruptionBudget that blocks every node drain or a grace period that kills 
 {{- end }}
 {{- if and $g.tls.enabled (eq $g.tls.probe "healthPort") (eq (int $g.tls.healthPort) (int $g.port)) }}
 {{- fail "gateway.tls.healthPort must differ from gateway.port" }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled }}
+{{- fail "metrics.serviceMonitor.enabled and metrics.podMonitor.enabled are both true: Prometheus would scrape every pod twice; enable one" }}
+{{- end }}
+{{- if and .Values.tests.enabled $g.tls.enabled $g.tls.clientAuth (not .Values.tests.tls.clientSecret) }}
+{{- fail "tests.enabled with gateway.tls.clientAuth needs tests.tls.clientSecret (a kubernetes.io/tls Secret with a client certificate the gateway accepts), or set tests.enabled=false" }}
+{{- end }}
+{{- $ports := list (int $g.port) }}
+{{- if and $g.tls.enabled (eq $g.tls.probe "healthPort") }}{{ $ports = append $ports (int $g.tls.healthPort) }}{{ end }}
+{{- if $g.http.enabled }}{{ $ports = append $ports (int $g.http.port) }}{{ end }}
+{{- if $g.metrics.enabled }}{{ $ports = append $ports (int $g.metrics.port) }}{{ end }}
+{{- if ne (len $ports) (len (uniq $ports)) }}
+{{- fail (printf "the gateway's ports must differ: port, tls.healthPort, http.port and metrics.port are %s" (join ", " $ports)) }}
 {{- end }}
 {{- if not (has $g.defaultModel $t.models) }}
 {{- fail (printf "gateway.defaultModel (%s) must be one of triton.models (%s), or every request that names no model fails" $g.defaultModel (join ", " $t.models)) }}

@@ -23,7 +23,14 @@ from typing import Any, NoReturn
 import grpc
 
 from bgremove_gateway.access.keys import KeyFileError, KeyLimits, KeyRecord, PresentedKey, read_keys
-from bgremove_gateway.access.limits import GuessLimiter, PerKeyLimiter, SlowPath, peer_host
+from bgremove_gateway.access.limits import (
+    Allowance,
+    GuessLimiter,
+    KeyAdmission,
+    PerKeyLimiter,
+    SlowPath,
+    peer_host,
+)
 from bgremove_gateway.access.log import Access, caller, short_method
 from bgremove_gateway.errors import (
     MAX_REFUSAL_PAUSE_S,
@@ -168,30 +175,52 @@ def _certificate_name(context: grpc.aio.ServicerContext) -> str | None:
     return f"cn={names[0].decode(errors='replace')}" if names else None
 
 
+@dataclass(frozen=True)
+class Admitted:
+    """Who a call was admitted as, and what its key's rate has left (None: no per-key limits)."""
+
+    key_id: str
+    allowance: Allowance | None
+
+
+class Refused(Exception):
+    """A call refused by the access control: the error to answer with, the key id to log, and the
+    key's limits once it was verified (for HTTP's X-RateLimit-* headers)."""
+
+    def __init__(self, error: ServiceError, key_id: str, limits: KeyLimits | None = None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.key_id = key_id
+        self.limits = limits
+
+
 class AccessControl(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, policy: Policy, admission: PerKeyLimiter | None = None) -> None:
+    def __init__(self, policy: Policy, admission: KeyAdmission | None = None) -> None:
         self.policy = policy
         self.admission = admission or PerKeyLimiter()
 
-    async def _identify(self, context: grpc.aio.ServicerContext) -> tuple[str, KeyLimits | None]:
-        """The caller's id for logs and the limits to admit it under (None: no per-key limits)."""
+    async def identify(
+        self, key_text: str | None, peer: str, cert_name: str | None
+    ) -> tuple[str, KeyLimits | None]:
+        """The caller's id for logs and the limits to admit it under (None: no per-key limits), from
+        the key it presented, its peer (grpc's "ipv4:host:port" form) and its client certificate's
+        name; the same for every transport."""
         p = self.policy
         if p.keys is not None:
-            text = presented_key(context.invocation_metadata())
-            if text is None:
+            if key_text is None:
                 raise unauthenticated(
                     "this service requires an API key: "
                     "send `authorization: Bearer <key>` or `x-api-key: <key>`"
                 )
-            parsed = PresentedKey.parse(text)
+            parsed = PresentedKey.parse(key_text)
             if parsed is None:
                 raise unauthenticated(
                     "malformed API key: expected bgr_<id>_<secret> as `bgremove keys add` prints it"
                 )
-            record = await p.keys.verify(parsed, context.peer())
+            record = await p.keys.verify(parsed, peer)
             return record.id, record.limits
         if p.client_certs:
-            return _certificate_name(context) or "cn=?", None
+            return cert_name or "cn=?", None
         if p.require_auth:
             raise unauthenticated(
                 "this listener is not on loopback and requires authentication, but the gateway has "
@@ -199,22 +228,45 @@ class AccessControl(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
         return "-", None
 
+    async def admit(
+        self,
+        stack: contextlib.AsyncExitStack,
+        read_key: Callable[[], str | None],
+        peer: str,
+        cert_name: str | None,
+    ) -> Admitted:
+        """Identifies the caller and takes a slot of its key's limits, held until `stack` closes.
+        `read_key` reads the presented key from the transport's headers (it may refuse them), and is
+        called only when keys are configured. Refused, counted in the metrics, for any refusal."""
+        key_id: str | None = None
+        limits: KeyLimits | None = None
+        try:
+            key_text = read_key() if self.policy.keys is not None else None
+            key_id, limits = await self.identify(key_text, peer, cert_name)
+            allowance = None
+            if limits is not None:
+                allowance = await stack.enter_async_context(self.admission.admit(key_id, limits))
+        except ServiceError as err:
+            metrics.key_refused(key_id or metrics.NO_LABEL, self._refusal_reason(err, key_id, limits))
+            raise Refused(err, key_id or "-", limits) from None
+        return Admitted(key_id, allowance)
+
     @contextlib.asynccontextmanager
     async def _guard(
         self, method: str, context: grpc.aio.ServicerContext, requests: AsyncIterator[Any] | None
     ) -> AsyncIterator[None]:
         started = time.perf_counter()
-        key_id: str | None = None
-        limits: KeyLimits | None = None
-        async with contextlib.AsyncExitStack() as admitted:
+        async with contextlib.AsyncExitStack() as stack:
             try:
-                key_id, limits = await self._identify(context)
-                if limits is not None:
-                    await admitted.enter_async_context(self.admission.admit(key_id, limits))
-            except ServiceError as err:
-                metrics.key_refused(key_id or metrics.NO_LABEL, self._refusal_reason(err, key_id, limits))
-                await self._refuse(method, context, requests, err, started, key_id or "-")
-            caller.set(key_id)  # each call runs in its own task and context: this never leaks
+                admitted = await self.admit(
+                    stack,
+                    lambda: presented_key(context.invocation_metadata()),
+                    context.peer(),
+                    _certificate_name(context) if self.policy.client_certs else None,
+                )
+            except Refused as refused:
+                await self._refuse(method, context, requests, refused.error, started, refused.key_id)
+            caller.set(admitted.key_id)  # each call runs in its own task and context: this never leaks
             yield
 
     def _refusal_reason(self, err: ServiceError, key_id: str | None, limits: KeyLimits | None) -> str:
@@ -238,12 +290,9 @@ class AccessControl(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         at once can then send only as many calls as it holds open per pause, instead of
         thousands a second that would keep the event loop from everyone else's calls. The pause
         costs the server one sleeping coroutine; the RetryInfo sent is what remains to wait."""
-        pause = min(err.retry_after_s, MAX_REFUSAL_PAUSE_S) if err.retry_after_s else REFUSAL_PAUSE_S
         if requests is not None:
-            await read_out(requests, max_s=pause)
-        await asyncio.sleep(max(0.0, started + pause - time.perf_counter()))
-        if err.retry_after_s:
-            err = dataclasses.replace(err, retry_after_s=max(MIN_RETRY_AFTER_S, err.retry_after_s - pause))
+            await read_out(requests, max_s=refusal_pause(err))
+        err = await paced(err, started)
         # The servicer never sees this call, so its one access line is written here.
         Access(short_method(method), context, started, code=err.code, key=key_id).done()
         await abort(context, err)
@@ -258,6 +307,21 @@ class AccessControl(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or method.startswith(OPEN_METHOD_PREFIXES):
             return handler
         return _wrap(handler, lambda context, requests: self._guard(method, context, requests))
+
+
+def refusal_pause(err: ServiceError) -> float:
+    """How long a refusal waits before it is answered (see AccessControl._refuse)."""
+    return min(err.retry_after_s, MAX_REFUSAL_PAUSE_S) if err.retry_after_s else REFUSAL_PAUSE_S
+
+
+async def paced(err: ServiceError, started: float) -> ServiceError:
+    """Sleeps out the refusal's pause counted from `started` (perf_counter); `err` with the wait it
+    asks for shortened by the pause."""
+    pause = refusal_pause(err)
+    await asyncio.sleep(max(0.0, started + pause - time.perf_counter()))
+    if err.retry_after_s:
+        err = dataclasses.replace(err, retry_after_s=max(MIN_RETRY_AFTER_S, err.retry_after_s - pause))
+    return err
 
 
 # The guard gets the request iterator of client-streaming calls, to drain it before a refusal.

@@ -19,9 +19,9 @@ import time
 import urllib.parse
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 
@@ -117,6 +117,42 @@ class _KeyState:
     in_flight: int = 0
 
 
+def over_streams(key_id: str, in_flight: int, limits: KeyLimits) -> ServiceError:
+    """The refusal of a call over its key's cap of calls in flight."""
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"API key {key_id} already has {in_flight} calls in flight, its limit is "
+        f"{limits.max_streams}; retry when one finishes",
+        retry_after_s=KEY_STREAMS_RETRY_AFTER_S,
+    )
+
+
+def over_rate(key_id: str, limits: KeyLimits, wait: float) -> ServiceError:
+    """The refusal of a call over its key's rate; `wait`: seconds until a token is there."""
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"API key {key_id} is over its rate limit of {limits.rate:g} requests/s "
+        f"(burst {limits.burst}); retry after the delay in RetryInfo",
+        retry_after_s=wait,
+    )
+
+
+class KeyAdmission(Protocol):
+    """What access control needs of a per-key limiter: PerKeyLimiter, or SharedLimiter (Redis)."""
+
+    def admit(self, key_id: str, limits: KeyLimits) -> AbstractAsyncContextManager[Allowance]:
+        """Holds one of the key's slots for the body; RESOURCE_EXHAUSTED over its cap or rate."""
+        ...
+
+    def in_flight(self, key_id: str) -> int:
+        """The key's calls in flight, as last known (to tell a cap refusal from a rate one)."""
+        ...
+
+    def forget(self, keep: set[str]) -> None:
+        """Drops what is kept for keys not in `keep` (gone from the keys file)."""
+        ...
+
+
 class PerKeyLimiter:
     """Admits or refuses each call of a key; all state lives on the event loop's thread."""
 
@@ -149,21 +185,11 @@ class PerKeyLimiter:
         when the key is at its cap or out of tokens. A call refused for its cap takes no token."""
         state = self._state(key_id, limits)
         if limits.max_streams and state.in_flight >= limits.max_streams:
-            raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"API key {key_id} already has {state.in_flight} calls in flight, its limit is "
-                f"{limits.max_streams}; retry when one finishes",
-                retry_after_s=KEY_STREAMS_RETRY_AFTER_S,
-            )
+            raise over_streams(key_id, state.in_flight, limits)
         if state.bucket is not None:
             wait = state.bucket.take()
             if wait > 0:
-                raise ServiceError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"API key {key_id} is over its rate limit of {limits.rate:g} requests/s "
-                    f"(burst {limits.burst}); retry after the delay in RetryInfo",
-                    retry_after_s=wait,
-                )
+                raise over_rate(key_id, limits, wait)
         state.in_flight += 1
         try:
             yield UNLIMITED if state.bucket is None else state.bucket.allowance()

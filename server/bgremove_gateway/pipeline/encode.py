@@ -7,6 +7,7 @@ savers below are given no exif, icc_profile, xmp or pnginfo.
 from __future__ import annotations
 
 import io
+import zipfile
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -25,6 +26,7 @@ OUTPUT_FORMATS: Final[dict[str, pb.OutputFormat]] = {
     "webp": pb.OUTPUT_FORMAT_WEBP,
     "mask": pb.OUTPUT_FORMAT_MASK,
     "jpeg": pb.OUTPUT_FORMAT_JPEG,
+    "zip": pb.OUTPUT_FORMAT_ZIP,
 }
 
 # Fastest settings for a few more bytes: RGBA PNG goes to fpng (10x faster than Pillow's fastest
@@ -41,7 +43,12 @@ _FORMATS: Final[dict[int, tuple[str, str, str, dict[str, Any]]]] = {
     pb.OUTPUT_FORMAT_WEBP: ("WEBP", "RGBA", "image/webp", _WEBP_OPTIONS),
     pb.OUTPUT_FORMAT_MASK: ("PNG", "L", "image/png", _PNG_OPTIONS),
     pb.OUTPUT_FORMAT_JPEG: ("JPEG", "RGB", "image/jpeg", _JPEG_OPTIONS),
+    pb.OUTPUT_FORMAT_ZIP: ("ZIP", "RGBA", "application/zip", {}),
 }
+# remove.bg's format=zip names; a fixed timestamp, so equal results are equal bytes.
+ZIP_COLOR_NAME: Final = "color.jpg"
+ZIP_ALPHA_NAME: Final = "alpha.png"
+_ZIP_DATE: Final = (1980, 1, 1, 0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,8 @@ def encode_image(image: Image.Image, fmt: pb.OutputFormat) -> Encoded:
         raise ValueError(f"{pb.OutputFormat.Name(fmt)} needs a {mode} image, got {image.mode}")
     if saver == "PNG" and mode == "RGBA":
         return encode_rgba_png(np.asarray(image))
+    if saver == "ZIP":
+        return Encoded(data=encode_zip(image), content_type=content_type)
     out = io.BytesIO()
     image.save(out, saver, **options)
     return Encoded(data=out.getvalue(), content_type=content_type)
@@ -73,3 +82,16 @@ def encode_image(image: Image.Image, fmt: pb.OutputFormat) -> Encoded:
 def encode_rgba_png(pixels: npt.NDArray[np.uint8]) -> Encoded:
     """An RGBA cut-out as PNG straight from an [H, W, 4] uint8 array (no copy into an Image)."""
     return Encoded(data=fpng.from_ndarray(pixels), content_type="image/png")
+
+
+def encode_zip(image: Image.Image) -> bytes:
+    """An RGBA cut-out as remove.bg's ZIP: color.jpg (its colours, opaque; black where it is fully
+    transparent) and alpha.png (its 8-bit matte). Stored, not deflated: both are compressed already."""
+    color, alpha = io.BytesIO(), io.BytesIO()
+    image.convert("RGB").save(color, "JPEG", **_JPEG_OPTIONS)
+    image.getchannel("A").save(alpha, "PNG", **_PNG_OPTIONS)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
+        for name, member in ((ZIP_COLOR_NAME, color), (ZIP_ALPHA_NAME, alpha)):
+            archive.writestr(zipfile.ZipInfo(name, date_time=_ZIP_DATE), member.getvalue())
+    return out.getvalue()

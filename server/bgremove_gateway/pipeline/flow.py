@@ -20,15 +20,16 @@ from opentelemetry import trace
 
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove_gateway.config import Settings
+from bgremove_gateway.pipeline.background import decode_background
 from bgremove_gateway.pipeline.contract import MODEL_INPUT_SIZE
 from bgremove_gateway.pipeline.decode import decode
 from bgremove_gateway.pipeline.encode import encode
 from bgremove_gateway.pipeline.encode_pool import EncodePool
-from bgremove_gateway.pipeline.postprocess import compose, mask_to_alpha
+from bgremove_gateway.pipeline.postprocess import Cutout, compose, mask_to_alpha
 from bgremove_gateway.pipeline.preprocess import to_model_input
 from bgremove_gateway.pipeline.upload import Upload, read_stream_upload, unary_upload, validate_options
 from bgremove_gateway.runtime import metrics
-from bgremove_gateway.runtime.budget import Ticket, image_bytes_estimate
+from bgremove_gateway.runtime.budget import Ticket, bg_image_bytes_estimate, image_bytes_estimate
 
 tracer = trace.get_tracer("bgremove.gateway")
 T = TypeVar("T")
@@ -120,7 +121,9 @@ class Pipeline:
         with tracer.start_as_current_span("validate") as span, metrics.timed_step("validate"):
             upload = unary_upload(request, self.settings.limits)
             if ticket is not None:
-                ticket.reserve(len(upload.data), f"an image of {len(upload.data)} bytes")
+                # Options.bg_image came in the same message.
+                held = len(upload.data) + len(upload.options.bg_image)
+                ticket.reserve(held, f"an image of {len(upload.data)} bytes")
             self._check(upload, span)
         return upload
 
@@ -141,9 +144,21 @@ class Pipeline:
             # extra_bytes: the metadata (and WebP's copies of the file) the parser will hold.
             if ticket is not None:
                 ticket.reserve(
-                    image_bytes_estimate(width, height, options.format) + extra_bytes,
+                    image_bytes_estimate(width, height, options.format, options) + extra_bytes,
                     f"a {width}x{height} image",
                 )
+
+        def admit_background(width: int, height: int, extra_bytes: int) -> None:
+            if ticket is not None:
+                ticket.reserve(
+                    bg_image_bytes_estimate(width, height) + extra_bytes, f"a {width}x{height} bg_image"
+                )
+
+        def postprocess(mask: npt.NDArray[np.uint8]) -> Cutout:
+            background = (
+                decode_background(options.bg_image, limits, admit_background) if options.bg_image else None
+            )
+            return compose(decoded, mask_to_alpha(mask, (width, height)), options, background)
 
         decoded = await self._cpu("decode", lambda: decode(upload.data, upload.content_type, limits, admit))
         width, height = decoded.image.size
@@ -153,9 +168,7 @@ class Pipeline:
         tensor = await self._cpu("preprocess", lambda: to_model_input(decoded.image, size))
         with tracer.start_as_current_span("infer", kind=trace.SpanKind.CLIENT), metrics.timed_step("infer"):
             mask = await self.inference.infer(model, tensor, timeout_s=timeout_s)
-        cutout = await self._cpu(
-            "postprocess", lambda: compose(decoded, mask_to_alpha(mask, (width, height)), options)
-        )
+        cutout = await self._cpu("postprocess", lambda: postprocess(mask))
         encoder = self.encoder.encode if self.encoder is not None else encode
         encoded = await self._cpu("encode", lambda: encoder(cutout, options.format))
         header = pb.ResultHeader(

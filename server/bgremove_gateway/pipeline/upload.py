@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import mmap
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -19,11 +20,21 @@ import grpc
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove_gateway.config import Limits
 from bgremove_gateway.errors import ServiceError, invalid, too_large
-from bgremove_gateway.pipeline.decode import SUPPORTED_CONTENT_TYPES, SUPPORTED_LIST, normalise_content_type
+from bgremove_gateway.pipeline.decode import (
+    SUPPORTED_CONTENT_TYPES,
+    SUPPORTED_LIST,
+    normalise_content_type,
+    sniff_content_type,
+)
 
 SHA256_BYTES = 32
 MAX_CROP_MARGIN = 10_000
 MAX_COLOR_CHANNEL = 255
+# remove.bg's bounds on scale: 10%..100% ("original" is 0 here).
+MIN_SCALE_PERCENT = 10.0
+MAX_SCALE_PERCENT = 100.0
+# Formats with no background to put an image or colour on.
+_NO_BACKGROUND = {pb.OUTPUT_FORMAT_MASK: "OUTPUT_FORMAT_MASK", pb.OUTPUT_FORMAT_ZIP: "OUTPUT_FORMAT_ZIP"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,10 @@ def _check_header(header: pb.UploadHeader, limits: Limits) -> str:
             "header.total_size",
             f"upload of {header.total_size} bytes is over the limit of {limits.max_upload_bytes} bytes",
         )
+    _check_total_with_background(
+        header.total_size, header.options, limits.max_upload_bytes, "header.total_size", "upload"
+    )
+    _check_background(header.options, limits)  # before any chunk is read
     if header.sha256 and len(header.sha256) != SHA256_BYTES:
         raise invalid(
             "header.sha256",
@@ -121,7 +136,10 @@ async def read_stream_upload(
     header = first.header
     content_type = _check_header(header, limits)
     if budget is not None:
-        budget.declared(header.total_size)
+        background = len(header.options.bg_image)
+        budget.declared(header.total_size + background)
+        if background:
+            budget.received(background)  # it came with the header
     # Preallocated once and filled in place: no list of chunks to join, so peak memory is the image
     # once. An anonymous map rather than bytearray(total): bytearray zero-fills (commits) every page
     # up front, while the map's pages are committed only as chunks fill them, which is also when
@@ -202,7 +220,89 @@ def unary_upload(request: pb.RemoveBackgroundRequest, limits: Limits) -> Upload:
             f"image of {len(data)} bytes is over the unary limit of {limits.max_unary_bytes} bytes; "
             f"use StreamRemoveBackground for larger images (up to {limits.max_upload_bytes} bytes)",
         )
+    _check_total_with_background(
+        len(data), request.options, limits.max_unary_bytes, "image", "unary request's image"
+    )
     return Upload(data=data, content_type=content_type, options=request.options)
+
+
+def _check_total_with_background(
+    size: int, options: pb.Options, limit: int, field_name: str, what: str
+) -> None:
+    """Options.bg_image counts toward the call's own byte limit: the image and its background
+    together are what the call holds."""
+    extra = len(options.bg_image)
+    if extra and size + extra > limit:
+        raise too_large(
+            field_name,
+            f"{what} of {size} bytes plus an options.bg_image of {extra} bytes is {size + extra} bytes, "
+            f"over the limit of {limit} bytes"
+            + ("; use StreamRemoveBackground" if field_name == "image" else ""),
+        )
+
+
+def _check_percent(
+    field_name: str, value: float, low: float, high: float = math.inf, zero_too: bool = False
+) -> None:
+    """A finite percentage in low..high (or exactly 0 when zero_too)."""
+    if zero_too and value == 0:
+        return
+    if not (math.isfinite(value) and low <= value <= high):
+        span = (
+            f"{low:g} to {high:g} percent" if math.isfinite(high) else f"a finite percentage, {low:g} or more"
+        )
+        extra = " (0 keeps the original)" if zero_too else ""
+        raise invalid(field_name, f"{field_name} is {value:g}; it must be {span}{extra}")
+
+
+def _check_geometry(options: pb.Options) -> None:
+    """roi, crop_margins, scale_percent and position: each value on its own (the roi against the
+    image's size is checked once it is decoded, in postprocess.roi_box)."""
+    # Any px is fine: roi corners are clamped to the image, and each margin is capped at half the
+    # subject and MAX_CROP_MARGIN (remove.bg caps them too); crop_margins without crop do nothing.
+    for field_name, lengths in (("options.roi", options.roi), ("options.crop_margins", options.crop_margins)):
+        for part in lengths.DESCRIPTOR.fields:
+            length = getattr(lengths, part.name)
+            if length.WhichOneof("value") == "percent":
+                high = 100.0 if field_name == "options.roi" else math.inf
+                _check_percent(f"{field_name}.{part.name}.percent", length.percent, 0.0, high)
+    _check_percent("options.scale_percent", options.scale_percent, MIN_SCALE_PERCENT, MAX_SCALE_PERCENT, True)
+    position = options.position
+    if position.placement not in pb.Placement.values():
+        known = ", ".join(pb.Placement.keys())
+        raise invalid(
+            "options.position.placement",
+            f"options.position.placement {position.placement} is not one of {known}",
+        )
+    for axis in ("x_percent", "y_percent"):
+        value = getattr(position, axis)
+        if position.placement == pb.PLACEMENT_PERCENT:
+            _check_percent(f"options.position.{axis}", value, 0.0, 100.0)
+        elif value != 0:
+            raise invalid(
+                f"options.position.{axis}",
+                f"options.position.{axis} is {value:g} but applies only to PLACEMENT_PERCENT",
+            )
+
+
+def _check_background(options: pb.Options, limits: Limits) -> None:
+    data = options.bg_image
+    background = "options.bg_image" if data else "options.bg_color" if options.HasField("bg_color") else None
+    # bg_color with MASK was accepted (and ignored) before bg_image existed: it still is.
+    ignored_before = not data and options.format == pb.OUTPUT_FORMAT_MASK
+    if background is not None and options.format in _NO_BACKGROUND and not ignored_before:
+        raise invalid(background, f"{background} has no effect on {_NO_BACKGROUND[options.format]}")
+    if not data:
+        return
+    if len(data) > limits.max_bg_image_bytes:
+        raise too_large(
+            "options.bg_image",
+            f"options.bg_image of {len(data)} bytes is over the limit of {limits.max_bg_image_bytes} bytes",
+        )
+    kind = sniff_content_type(data)
+    if kind not in SUPPORTED_CONTENT_TYPES:
+        what = "not an image" if kind is None else kind
+        raise invalid("options.bg_image", f"options.bg_image is {what}; supported: {SUPPORTED_LIST}")
 
 
 def validate_options(options: pb.Options, limits: Limits, models: Sequence[str]) -> None:
@@ -229,6 +329,8 @@ def validate_options(options: pb.Options, limits: Limits, models: Sequence[str])
             "options.crop_margin",
             f"options.crop_margin {options.crop_margin} is over the limit of {MAX_CROP_MARGIN} pixels",
         )
+    _check_geometry(options)
+    _check_background(options, limits)
     if options.model and options.model not in models:
         raise invalid(
             "options.model",

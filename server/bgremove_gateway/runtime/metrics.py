@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 from wsgiref.simple_server import WSGIServer
 
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -77,7 +79,28 @@ CALL_SECONDS: Final = Histogram(
     buckets=LATENCY_BUCKETS,
     registry=REGISTRY,
 )
-IN_FLIGHT: Final = Gauge(f"{NS}_calls_in_flight", "Calls being handled now", ("method",), registry=REGISTRY)
+# livesum: with --workers, the pod's total over the worker processes alive now.
+IN_FLIGHT: Final = Gauge(
+    f"{NS}_calls_in_flight",
+    "Calls being handled now",
+    ("method",),
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+WORKER_IN_FLIGHT: Final = Gauge(
+    f"{NS}_worker_calls_in_flight",
+    "Calls being handled now by each gateway process of the pod (--workers), by its index",
+    ("worker",),
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+WORKER_CALLS: Final = Counter(
+    f"{NS}_worker_calls",
+    "Calls answered by each gateway process of the pod (--workers), by its index: how the kernel "
+    "spreads connections among them",
+    ("worker",),
+    registry=REGISTRY,
+)
 STEP_SECONDS: Final = Histogram(
     f"{NS}_step_duration_seconds",
     "Time each pipeline step took, failed runs included",
@@ -128,6 +151,22 @@ TRITON_RETRIES: Final = Counter(
 )
 for _reason in KEY_REASONS:  # every series exists from the start, at 0, so rate() sees the first
     KEY_REFUSALS.labels(NO_LABEL, _reason)
+LIMITS_SHARED_UP: Final = Gauge(
+    f"{NS}_limits_shared_up",
+    "1 while the Redis holding per-key limits for every replica (--limits-redis-url) answers, 0 while "
+    "this replica decides alone on its share of them; absent without --limits-redis-url",
+    ("redis",),
+    registry=REGISTRY,
+    multiprocess_mode="livemin",  # with --workers: 0 when any worker's checks fall back
+)
+LIMITS_FALLBACKS: Final = Counter(
+    f"{NS}_limits_fallback_decisions",
+    "Per-key admission decisions this replica made alone, on its share of the key's limits, "
+    "because Redis did not answer in time: admitted or refused",
+    ("outcome",),
+    registry=REGISTRY,
+)
+_LIMITS_FALLBACKS: Final = {o: LIMITS_FALLBACKS.labels(o) for o in ("admitted", "refused")}
 
 
 def _trace_exemplar() -> dict[str, str] | None:
@@ -164,14 +203,32 @@ def triton_retried(replica: str) -> None:
     TRITON_RETRIES.labels(replica).inc()
 
 
+def limits_shared_up(redis: str, up: bool) -> None:
+    LIMITS_SHARED_UP.labels(redis).set(1.0 if up else 0.0)
+
+
+def limits_fallback(outcome: str) -> None:
+    _LIMITS_FALLBACKS[outcome].inc()
+
+
 def format_label(output_format: int) -> str:
     """OUTPUT_FORMAT_PNG -> "png"; only for a format validate_options accepted."""
     name: str = pb.OutputFormat.Name(output_format)  # type: ignore[arg-type]
     return name.removeprefix("OUTPUT_FORMAT_").lower()
 
 
+_worker_calls, _worker_in_flight = WORKER_CALLS.labels("0"), WORKER_IN_FLIGHT.labels("0")
+
+
+def set_worker(index: int) -> None:
+    """Labels this process's calls as worker `index` of the pod."""
+    global _worker_calls, _worker_in_flight
+    _worker_calls, _worker_in_flight = WORKER_CALLS.labels(str(index)), WORKER_IN_FLIGHT.labels(str(index))
+
+
 def call_started(method: str) -> None:
     IN_FLIGHT.labels(method).inc()
+    _worker_in_flight.inc()
 
 
 @dataclass(frozen=True)
@@ -191,6 +248,8 @@ class CallRecord:
 def call_ended(call: CallRecord) -> None:
     """Counts a finished call, which call_started() counted in flight."""
     IN_FLIGHT.labels(call.method).dec()
+    _worker_in_flight.dec()
+    _worker_calls.inc()
     CALLS.labels(call.method, call.code, call.output_format, call.model).inc()
     exemplar = None if call.trace_id == NO_LABEL else {"trace_id": call.trace_id}
     CALL_SECONDS.labels(call.method).observe(call.seconds, exemplar)
@@ -327,6 +386,123 @@ def watch(
         WATCHED.pool = pool
     if encoder is not None:
         WATCHED.encoder = encoder
+
+
+# --- several gateway processes (--workers) ----------------------------------------------------------
+# Each worker writes its metrics to memory-mapped files in the pod's PROMETHEUS_MULTIPROC_DIR
+# (prometheus-client's multiprocess mode); the supervising parent serves their totals. Counters of a
+# dead worker stay in the totals, its live gauges leave them (mark_process_dead).
+
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+PUBLISH_INTERVAL_S: Final = 1.0
+# How the pod combines each worker's scrape-time gauges; the others are summed over live workers.
+PodGaugeMode = Literal["livesum", "livemin", "livemax"]
+_POD_GAUGE_MODES: Final[dict[str, PodGaugeMode]] = {
+    # Every worker reads the pod's one budget and its shared counters (shared_budget.py): not a sum.
+    f"{NS}_memory_budget_bytes": "livemax",
+    f"{NS}_memory_reserved_bytes": "livemax",
+    f"{NS}_streams_limit": "livemax",
+    f"{NS}_streams_open": "livemax",
+    f"{NS}_triton_replica_ready": "livemin",
+    f"{NS}_triton_replica_ejected": "livemax",
+    f"{NS}_triton_replica_latency_seconds": "livemax",
+}
+
+
+def multiprocess() -> bool:
+    """True in a worker of a pod: prometheus-client writes this process's values to the pod's files."""
+    return MULTIPROC_ENV in os.environ
+
+
+class _Mirror:
+    """Copies what GatewayCollector reads at scrape time into multiprocess metrics, which the parent
+    can read: it cannot run a worker's collector. Counters move by what grew since the last copy."""
+
+    def __init__(self) -> None:
+        self.gauges: dict[str, Gauge] = {}
+        self.counters: dict[str, Counter] = {}
+        self.last: dict[tuple[str, tuple[str, ...]], float] = {}
+
+    def publish(self, collector: Collector) -> None:
+        for family in collector.collect():
+            for sample in family.samples:
+                names, values = tuple(sample.labels), tuple(sample.labels.values())
+                if family.type == "counter":
+                    if not sample.name.endswith("_total"):
+                        continue
+                    counter = self.counters.get(family.name)
+                    if counter is None:
+                        counter = self.counters[family.name] = Counter(
+                            family.name, family.documentation, names, registry=None
+                        )
+                    key = (family.name, values)
+                    grown = sample.value - self.last.get(key, 0.0)
+                    self.last[key] = sample.value
+                    # The child exists from the first copy, at 0, so rate() sees the first increment.
+                    child = counter.labels(*values) if names else counter
+                    if grown > 0:
+                        child.inc(grown)
+                else:
+                    gauge = self.gauges.get(family.name)
+                    if gauge is None:
+                        mode = _POD_GAUGE_MODES.get(family.name, "livesum")
+                        gauge = self.gauges[family.name] = Gauge(
+                            family.name, family.documentation, names, registry=None, multiprocess_mode=mode
+                        )
+                    (gauge.labels(*values) if names else gauge).set(sample.value)
+
+
+def start_publishing(interval_s: float = PUBLISH_INTERVAL_S) -> threading.Thread:
+    """In a worker: copies the watched values for the parent every `interval_s`, on a thread of its
+    own like the scrapes it stands in for."""
+    mirror = _Mirror()
+
+    def run() -> None:
+        while True:
+            try:
+                mirror.publish(WATCHED)
+            except Exception:  # a failed copy must not end the copying
+                log.exception("copying the gateway's metrics for the pod failed")
+            time.sleep(interval_s)
+
+    thread = threading.Thread(target=run, name="bgremove-metrics-publisher", daemon=True)
+    thread.start()
+    return thread
+
+
+class PodCollector(Collector):
+    """The supervising parent's own figures: its workers, and their restarts and Triton's."""
+
+    def __init__(self, workers: int, worker_restarts: Callable[[], int], triton_restarts: Callable[[], int]):
+        self.workers = workers
+        self.worker_restarts = worker_restarts
+        self.triton_restarts = triton_restarts
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield _gauge("workers", "Gateway processes in the pod (--workers)", self.workers)
+        yield CounterMetricFamily(
+            f"{NS}_worker_restarts",
+            "Times a gateway process died (crashed, killed) and the parent started it again",
+            value=self.worker_restarts(),
+        )
+        yield CounterMetricFamily(
+            f"{NS}_triton_restarts",
+            "Times the embedded Triton died and the parent started it again",
+            value=self.triton_restarts(),
+        )
+
+
+def pod_registry(path: str, own: Collector) -> CollectorRegistry:
+    """What the parent of a pod serves: every worker's metrics from `path`, summed (live gauges
+    combined as each declares), with the parent's own figures and process metrics."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    ProcessCollector(registry=registry)
+    registry.register(own)
+    return registry
 
 
 # --- the listener -----------------------------------------------------------------------------------

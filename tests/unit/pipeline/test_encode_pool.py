@@ -55,6 +55,9 @@ def test_small_images_and_gil_free_formats_stay_in_process() -> None:
     try:
         assert encoder.encode(cutout(800, 600), pb.OUTPUT_FORMAT_PNG).data.startswith(b"\x89PNG")
         assert encoder.encode(cutout(1500, 1000, "RGB"), pb.OUTPUT_FORMAT_JPEG).data.startswith(b"\xff\xd8")
+        # ZIP's JPEG and Pillow PNG release the GIL: in-process at any size.
+        assert not encoder.wants(cutout(1500, 1000), pb.OUTPUT_FORMAT_ZIP)
+        assert encoder.encode(cutout(1500, 1000), pb.OUTPUT_FORMAT_ZIP).data.startswith(b"PK\x03\x04")
         assert encoder.remote_encodes == 0
         assert encoder.wants(cutout(1500, 1000), pb.OUTPUT_FORMAT_PNG)
     finally:

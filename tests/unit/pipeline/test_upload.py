@@ -291,6 +291,7 @@ def test_unary_upload_unsupported_content_type() -> None:
 
 
 MODELS = ("u2netp", "u2net")
+PNG_BYTES = b"\x89PNG\r\n\x1a\n" + b"\0" * 8  # only sniffed here; decoded later (test_background.py)
 
 
 def test_options_at_their_limits_are_valid() -> None:
@@ -307,6 +308,81 @@ def test_options_at_their_limits_are_valid() -> None:
         MODELS,
     )
     validate_options(pb.Options(), LIMITS, MODELS)
+    validate_options(
+        pb.Options(
+            format=pb.OUTPUT_FORMAT_WEBP,
+            bg_color=pb.Color(r=1),
+            bg_image=PNG_BYTES,
+            roi=pb.Region(x1=pb.Length(px=2**32 - 1), x2=pb.Length(percent=100)),
+            crop=True,
+            # Over the caps (half the subject, 10000 px) is capped, as remove.bg does, not refused.
+            crop_margins=pb.Margins(top=pb.Length(px=2**32 - 1), left=pb.Length(percent=500)),
+            scale_percent=10,
+            position=pb.Position(placement=pb.PLACEMENT_PERCENT, x_percent=0, y_percent=100),
+            max_output_pixels=2**64 - 1,
+        ),
+        LIMITS,
+        MODELS,
+    )
+    # bg_color with MASK was accepted, and ignored, before the new options: it still is.
+    validate_options(pb.Options(format=pb.OUTPUT_FORMAT_MASK, bg_color=pb.Color(g=2)), LIMITS, MODELS)
+    validate_options(pb.Options(format=pb.OUTPUT_FORMAT_ZIP, crop=True, scale_percent=100), LIMITS, MODELS)
+    # Like crop_margin, and as remove.bg, margins without crop have no effect.
+    validate_options(pb.Options(crop_margins=pb.Margins(top=pb.Length(px=5))), LIMITS, MODELS)
+
+
+def test_bg_image_over_its_limit_is_refused_with_the_limit() -> None:
+    limits = Limits(max_bg_image_bytes=len(PNG_BYTES) - 1)
+    with pytest.raises(ServiceError) as caught:
+        validate_options(pb.Options(bg_image=PNG_BYTES), limits, MODELS)
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert caught.value.violations[0].field == "options.bg_image"
+    assert f"{len(PNG_BYTES)} bytes is over the limit of {len(PNG_BYTES) - 1} bytes" in caught.value.message
+
+
+async def test_a_streams_bg_image_counts_toward_its_upload_limit_before_any_chunk() -> None:
+    background = PNG_BYTES * 100  # 1600 bytes; the upload limit is 10000
+    options = pb.Options(bg_image=background)
+    err = await refused([header(total_size=9_000, options=options)], then_stall=True)
+    assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert err.violations[0].field == "header.total_size"
+    assert "upload of 9000 bytes plus an options.bg_image of 1600 bytes is 10600 bytes" in err.message
+    upload = await read_stream_upload(stream([header(options=options), *chunks(PAYLOAD)]), LIMITS)
+    assert upload.options.bg_image == background
+
+
+async def test_a_streams_bg_image_is_charged_with_the_header() -> None:
+    class Budget:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, int]] = []
+
+        def declared(self, total_size: int) -> None:
+            self.calls.append(("declared", total_size))
+
+        def received(self, nbytes: int) -> None:
+            self.calls.append(("received", nbytes))
+
+    budget = Budget()
+    messages = [header(options=pb.Options(bg_image=PNG_BYTES)), *chunks(PAYLOAD, 5_000)]
+    await read_stream_upload(stream(messages), Limits(max_chunk_bytes=5_000), budget)
+    assert budget.calls == [
+        ("declared", len(PAYLOAD) + len(PNG_BYTES)),
+        ("received", len(PNG_BYTES)),
+        ("received", 5_000),
+        ("received", len(PAYLOAD) - 5_000),
+    ]
+
+
+def test_a_unary_bg_image_counts_toward_the_unary_limit() -> None:
+    request = pb.RemoveBackgroundRequest(
+        content_type="image/png", image=b"\x89PNG" * 497, options=pb.Options(bg_image=PNG_BYTES)
+    )
+    with pytest.raises(ServiceError) as caught:
+        unary_upload(request, LIMITS)
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert caught.value.violations[0].field == "image"
+    assert "1988 bytes plus an options.bg_image of 16 bytes is 2004 bytes" in caught.value.message
+    assert "StreamRemoveBackground" in caught.value.message
 
 
 @pytest.mark.parametrize(
@@ -322,6 +398,49 @@ def test_options_at_their_limits_are_valid() -> None:
         ),
         (pb.Options(crop=True, crop_margin=10_001), "options.crop_margin", ["10001", "limit of 10000"]),
         (pb.Options(model="u2net_human_seg"), "options.model", ["'u2net_human_seg'", "u2netp, u2net"]),
+        (pb.Options(roi=pb.Region(x2=pb.Length(percent=101))), "options.roi.x2.percent", ["101", "0 to 100"]),
+        (pb.Options(roi=pb.Region(y1=pb.Length(percent=-1))), "options.roi.y1.percent", ["-1"]),
+        (pb.Options(roi=pb.Region(x1=pb.Length(percent=float("nan")))), "options.roi.x1.percent", ["nan"]),
+        (
+            pb.Options(crop=True, crop_margins=pb.Margins(bottom=pb.Length(percent=-0.5))),
+            "options.crop_margins.bottom.percent",
+            ["-0.5", "a finite percentage, 0 or more"],
+        ),
+        (
+            pb.Options(crop=True, crop_margins=pb.Margins(left=pb.Length(percent=float("inf")))),
+            "options.crop_margins.left.percent",
+            ["inf"],
+        ),
+        (pb.Options(scale_percent=9.9), "options.scale_percent", ["9.9", "10 to 100", "0 keeps"]),
+        (pb.Options(scale_percent=100.5), "options.scale_percent", ["100.5"]),
+        (pb.Options(scale_percent=float("inf")), "options.scale_percent", ["inf"]),
+        (
+            pb.Options(position=pb.Position(placement=7)),  # type: ignore[arg-type]
+            "options.position.placement",
+            ["7", "PLACEMENT_PERCENT"],
+        ),
+        (
+            pb.Options(position=pb.Position(placement=pb.PLACEMENT_PERCENT, y_percent=120)),
+            "options.position.y_percent",
+            ["120", "0 to 100"],
+        ),
+        (
+            pb.Options(position=pb.Position(placement=pb.PLACEMENT_CENTER, x_percent=30)),
+            "options.position.x_percent",
+            ["30", "only to PLACEMENT_PERCENT"],
+        ),
+        (
+            pb.Options(format=pb.OUTPUT_FORMAT_MASK, bg_image=PNG_BYTES),
+            "options.bg_image",
+            ["no effect on OUTPUT_FORMAT_MASK"],
+        ),
+        (
+            pb.Options(format=pb.OUTPUT_FORMAT_ZIP, bg_color=pb.Color(r=1)),
+            "options.bg_color",
+            ["no effect on OUTPUT_FORMAT_ZIP"],
+        ),
+        (pb.Options(bg_image=b"GIF89a....."), "options.bg_image", ["image/gif", "image/jpeg, image/png"]),
+        (pb.Options(bg_image=b"hello"), "options.bg_image", ["not an image"]),
     ],
 )
 def test_invalid_options(options: pb.Options, field: str, words: list[str]) -> None:
@@ -443,3 +562,9 @@ async def test_close_while_a_decode_still_reads_is_safe() -> None:
     view.release()
     upload.data.close()
     assert upload.data.closed
+
+
+async def test_a_bad_bg_image_is_refused_at_the_header_before_any_chunk() -> None:
+    err = await refused([header(options=pb.Options(bg_image=b"GIF89a" + bytes(10)))], then_stall=True)
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.violations[0].field == "options.bg_image"

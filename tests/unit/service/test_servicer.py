@@ -241,12 +241,14 @@ async def test_service_info_reports_the_models_the_limits_and_the_formats(servic
         result_chunk_bytes=LIMITS.result_chunk_bytes,
         max_output_side=LIMITS.max_output_side,
         max_crop_margin=MAX_CROP_MARGIN,
+        max_bg_image_bytes=LIMITS.max_bg_image_bytes,
     )
     assert list(info.output_formats) == [
         pb.OUTPUT_FORMAT_PNG,
         pb.OUTPUT_FORMAT_WEBP,
         pb.OUTPUT_FORMAT_MASK,
         pb.OUTPUT_FORMAT_JPEG,
+        pb.OUTPUT_FORMAT_ZIP,
     ]
     assert list(info.input_content_types) == ["image/jpeg", "image/png", "image/webp"]
     assert info.version == __version__

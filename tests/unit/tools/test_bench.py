@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from skimage import data as skdata
 
-from bgremove_gateway.tools.bench import OK, Outcome, Target, default_rounds, interleaved
+from bgremove_gateway.cli import build_parser
+from bgremove_gateway.tools import bench
+from bgremove_gateway.tools.bench import OK, Outcome, Target, default_rounds, interleaved, serves
 from e2e_helpers import jpeg_bytes
 from service_harness import BGREMOVE, GatewayProcess
 
@@ -41,6 +43,58 @@ async def test_rounds_alternate_the_targets_and_cover_every_request_once() -> No
     assert blocks == expected and at == len(log)
     for run in runs:
         assert run.statuses == {"OK": 8, "UNAVAILABLE": 2} and run.wall_s > 0
+
+
+async def test_the_gateways_cpu_is_counted_over_the_service_rounds_only() -> None:
+    cpu = [0.0]  # the gateway's CPU seconds: 20 ms a service call, nothing for the other target
+
+    def target(name: str, cost_s: float, clock: bool) -> Target:
+        async def call(i: int) -> Outcome:
+            cpu[0] += cost_s
+            return OK
+
+        async def close() -> None:
+            pass
+
+        return Target(name, call, close, cpu_clock=(lambda: cpu[0]) if clock else None)
+
+    service, triton = await interleaved(
+        [target("service", 0.020, True), target("triton", 0.5, False)], concurrency=2, requests=8, rounds=4
+    )
+    assert service.cpu_s == pytest.approx(8 * 0.020) and triton.cpu_s is None
+    summary = service.summary()
+    assert summary["gateway_cpu_ms_per_request"] == pytest.approx(20.0)
+    assert summary["gateway_cores_used"] == pytest.approx(service.cpu_s / service.wall_s, rel=1e-2)
+    assert triton.summary()["gateway_cpu_ms_per_request"] is None
+
+
+def test_a_benchmark_only_model_without_a_target_gets_the_benchs_own_gateway() -> None:
+    ns = build_parser().parse_args(["bench", "--images", "x.jpg", "--model", "instant"])
+    assert serves(ns)
+    ns = build_parser().parse_args(["bench", "--images", "x.jpg", "--model", "instant", "--target", "h:1"])
+    assert not serves(ns)
+    assert not serves(build_parser().parse_args(["bench", "--images", "x.jpg"]))
+    assert serves(build_parser().parse_args(["bench", "--images", "x.jpg", "--serve"]))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--model", "instant", "--serve", "--target", "h:1"],
+            "bgremove bench: --serve starts its own gateway and Triton: drop --target and --triton-url",
+        ),
+        (
+            ["--target", "h:1", "--gateway-pid", str(2**22 + 1)],
+            f"bgremove bench: --gateway-pid {2**22 + 1}: no such process on this machine",
+        ),
+    ],
+)
+def test_contradictions_are_refused_before_anything_is_sent(argv: list[str], message: str) -> None:
+    ns = build_parser().parse_args(["bench", "--images", "x.jpg", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        bench.run(ns)
+    assert str(exit_.value) == message
 
 
 def test_default_rounds_keep_every_worker_busy() -> None:

@@ -31,6 +31,7 @@ from bgremove_gateway.triton.graph import (
     load_card,
     prepare_model,
     prepare_models,
+    served_models,
     triton_config,
 )
 from synthetic_models import md5, synthetic_u2net
@@ -270,9 +271,11 @@ def _load_config(path: Path) -> model_config_pb2.ModelConfig:
 
 def test_every_model_has_cpu_gpu_and_tensorrt_configs() -> None:
     names = {(p.parent.parent.name, p.stem) for p in _configs()}
-    assert names == {(m, c) for m in ("u2net", "u2netp") for c in ("cpu", "gpu", "gpu-tensorrt")}
-    # u2net shares u2netp's model.py instead of carrying a copy that could drift.
-    assert (REPO / "u2net/1/model.py").resolve() == (REPO / "u2netp/1/model.py").resolve()
+    models = ("instant", "u2net", "u2netp")
+    assert names == {(m, c) for m in models for c in ("cpu", "gpu", "gpu-tensorrt")}
+    # u2net and instant share u2netp's model.py instead of carrying a copy that could drift.
+    for model in ("u2net", "instant"):
+        assert (REPO / model / "1/model.py").resolve() == (REPO / "u2netp/1/model.py").resolve()
 
 
 @pytest.mark.parametrize("path", _configs(), ids=lambda p: f"{p.parent.parent.name}/{p.name}")
@@ -328,7 +331,9 @@ def test_config_agrees_with_the_serving_graph(path: Path, serving_graph: onnx.Mo
 
 @pytest.mark.parametrize("model", ["u2netp", "u2net"])
 def test_prepared_repo_serves_both_models(prepared_repo: Path, model: str) -> None:
-    assert available_models(prepared_repo) == ["u2net", "u2netp"]
+    # The benchmark stand-in is prepared too, and served only when asked for (test_instant_model.py).
+    assert available_models(prepared_repo) == ["instant", "u2net", "u2netp"]
+    assert served_models(prepared_repo) == ["u2net", "u2netp"]
     path = prepared_repo / model / "1/model.onnx"
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     assert meta["bgremove.source_md5"] == {"u2netp": U2NETP, "u2net": U2NET}[model].md5

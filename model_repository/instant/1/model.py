@@ -1,0 +1,1 @@
+../../u2netp/1/model.py
