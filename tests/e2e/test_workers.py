@@ -25,8 +25,9 @@ from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
 from bgremove_gateway.runtime.budget import PER_REQUEST_OVERHEAD_BYTES, image_bytes_estimate
 from bgremove_gateway.runtime.shared_budget import ADMISSION_PREFIX
 from bgremove_gateway.service.workers import METRICS_PREFIX, remove_orphaned_metrics
+from bgremove_gateway.triton.embedded import process_alive
 from e2e_helpers import jpeg_bytes, stream_remove, upload_messages
-from load_helpers import children
+from load_helpers import children, descendants
 from service_harness import GatewayProcess, free_port
 
 JPEG = jpeg_bytes(skdata.chelsea())
@@ -80,24 +81,6 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
-
-
-def _alive(pid: int) -> bool:
-    """True while `pid` runs; a zombie waiting to be reaped counts as gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        for child in children(todo.pop()):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def wait_until(condition: Callable[[], object], timeout_s: float) -> bool:
@@ -235,7 +218,7 @@ def test_sigterm_drains_a_call_in_flight_on_each_worker_and_leaves_no_process(po
         t.join(120)
     assert results == [451] * len(threads)
     assert pod.gateway.proc.wait(60) == 0  # type: ignore[union-attr]
-    assert wait_until(lambda: not any(_alive(p) for p in processes), 10)
+    assert wait_until(lambda: not any(process_alive(p) for p in processes), 10)
     text = pod.gateway.log_text()
     # Triton stops last, after both workers drained.
     assert text.rindex("Triton stopped") > max(i for i in _all(text, "INFO bgremove.gateway stopped"))
@@ -261,8 +244,8 @@ def test_the_pod_dies_with_its_parent(prepared_repo: Path) -> None:
         assert len(processes) >= 3
         pod.gateway.proc.kill()  # type: ignore[union-attr]
         pod.gateway.proc.wait(10)  # type: ignore[union-attr]
-        assert wait_until(lambda: not any(_alive(p) for p in processes), 60), [
-            _cmdline(p) for p in processes if _alive(p)
+        assert wait_until(lambda: not any(process_alive(p) for p in processes), 60), [
+            _cmdline(p) for p in processes if process_alive(p)
         ]
         with pytest.raises(grpc.RpcError):
             service_info(pod.gateway.target)

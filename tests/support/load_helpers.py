@@ -109,3 +109,13 @@ def children(pid: int, name: str | None = None) -> list[int]:
         if int(stat.rsplit(")", 1)[1].split()[1]) == pid and (name is None or command == name[:15]):
             found.append(int(entry))
     return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Children of `pid`, their children, and so on."""
+    found, todo = [], [pid]
+    while todo:
+        for child in children(todo.pop()):
+            found.append(child)
+            todo.append(child)
+    return found

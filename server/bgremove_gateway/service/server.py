@@ -11,6 +11,7 @@ import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -406,16 +407,21 @@ class Gateway:
             await asyncio.to_thread(self.metrics_server.stop)
 
 
-async def serve(settings: Settings, started: Callable[[], None] | None = None) -> int:
-    """Runs the gateway until SIGTERM/SIGINT; `started` is called once it listens (and serves, when
-    the backend is ready), for a pod's parent waiting on its worker."""
-    gateway = Gateway(settings)
+class Servable(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def until_signalled(target: Servable, ready: Callable[[], None], draining: Callable[[], None]) -> int:
+    """Starts `target` and runs it until SIGTERM/SIGINT, then stops it; a signal during the start
+    cancels the start. `ready` once it has started, `draining` when the signal came after that."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        starting = asyncio.create_task(gateway.start())
+        starting = asyncio.create_task(target.start())
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
@@ -424,12 +430,25 @@ async def serve(settings: Settings, started: Callable[[], None] | None = None) -
                 await starting
         else:
             starting.result()
-            log.info("serving bgremove on %s", settings.listen)
-            if started is not None:
-                started()
+            ready()
             await stopping
-        log.info("shutting down: draining for up to %.0fs", settings.drain_seconds)
+        draining()
     finally:
-        await gateway.stop()
+        await target.stop()
     log.info("stopped")
     return 0
+
+
+async def serve(settings: Settings, started: Callable[[], None] | None = None) -> int:
+    """Runs the gateway until SIGTERM/SIGINT; `started` is called once it listens (and serves, when
+    the backend is ready), for a pod's parent waiting on its worker."""
+
+    def ready() -> None:
+        log.info("serving bgremove on %s", settings.listen)
+        if started is not None:
+            started()
+
+    def draining() -> None:
+        log.info("shutting down: draining for up to %.0fs", settings.drain_seconds)
+
+    return await until_signalled(Gateway(settings), ready, draining)

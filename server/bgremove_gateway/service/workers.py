@@ -49,7 +49,7 @@ from bgremove_gateway.runtime.shared_budget import (
     create_pod_table,
     remove_pod_table,
 )
-from bgremove_gateway.service.server import StartupError, serve
+from bgremove_gateway.service.server import StartupError, serve, until_signalled
 from bgremove_gateway.triton.embedded import EmbeddedTriton, TritonStartError, parent_death_launch
 from bgremove_gateway.triton.supervisor import (
     FIRST_BACKOFF_S,
@@ -412,28 +412,13 @@ class Pod:
 async def serve_pod(settings: Settings) -> int:
     """`bgremove serve --workers N` (N > 1): the parent, until SIGTERM/SIGINT."""
     pod = Pod(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        starting = asyncio.create_task(pod.start())
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not starting.done():
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StartupError):
-                await starting
-        else:
-            starting.result()
-            await stopping
+
+    def draining() -> None:
         log.info(
             "shutting down: %d workers draining for up to %.0fs", len(pod.workers), settings.drain_seconds
         )
-    finally:
-        await pod.stop()
-    log.info("stopped")
-    return 0
+
+    return await until_signalled(pod, lambda: None, draining)
 
 
 def _worker_main() -> int:

@@ -537,7 +537,7 @@ class EmbeddedTriton:
                     log.warning("Triton did not exit %gs after SIGTERM; killing it", timeout_s)
             # The process group is Triton's own session (start_new_session), so this reaches
             # only Triton and the stubs it started.
-            if process.returncode is None or any(_alive(p) for p in stubs):
+            if process.returncode is None or any(process_alive(p) for p in stubs):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(process.pid, signal.SIGKILL)
                 await process.wait()
@@ -576,7 +576,7 @@ def _last_error(lines: Iterable[str], limit: int = 400) -> str:
     return found if len(found) <= limit else found[: limit - 1] + "…"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """True while `pid` runs; an exited child waiting to be reaped (zombie) counts as gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

@@ -32,9 +32,9 @@ from bgremove_gateway.triton.embedded import (
     TRACE_SERVICE_NAME,
     EmbeddedTriton,
     TritonStartError,
-    _alive,
     _child_pids,
     parent_death_launch,
+    process_alive,
 )
 from bgremove_gateway.triton.graph import ModelSource, available_models, prepare_model
 from service_harness import OtlpReceiver, free_port
@@ -268,7 +268,7 @@ async def test_triton_dying_at_start_reports_exit_code_and_log_tail(
     assert "load failed for model 'u2netp'" in first and "INVALID_PROTOBUF" in first
     assert rest[0] == "its last log lines:"
     assert any("Waiting for in-flight requests" in line for line in rest)
-    assert server.pid is not None and not _alive(server.pid) and not server.running
+    assert server.pid is not None and not process_alive(server.pid) and not server.running
 
 
 async def test_not_ready_in_time_is_reported_and_cleaned_up(prepared_repo: Path, tmp_path: Path) -> None:
@@ -276,7 +276,7 @@ async def test_not_ready_in_time_is_reported_and_cleaned_up(prepared_repo: Path,
     server = EmbeddedTriton(settings(repo, startup_timeout_s=0.3))
     with pytest.raises(TritonStartError, match=r"^Triton was not ready within 0.3s \(not ready: server"):
         await server.start()
-    assert server.pid is not None and not _alive(server.pid)
+    assert server.pid is not None and not process_alive(server.pid)
 
 
 # ------------------------------------------------------------------------ tracing and stop
@@ -334,8 +334,8 @@ async def test_traces_exactly_the_requests_with_a_traceparent_and_stops_cleanly(
 
         pid = server.pid
         await server.stop()
-        assert not server.running and not _alive(pid)
-        assert not [p for p in stubs if _alive(p)]
+        assert not server.running and not process_alive(pid)
+        assert not [p for p in stubs if process_alive(p)]
         assert not backend_dir.parent.exists(), "the private backend directory is removed on stop"
     finally:
         await server.stop()
@@ -352,7 +352,7 @@ async def test_stop_kills_a_triton_that_ignores_sigterm(prepared_repo: Path, tmp
     started = time.monotonic()
     await server.stop(timeout_s=1)
     assert time.monotonic() - started < 10
-    assert not _alive(pid) and not [p for p in stubs if _alive(p)]
+    assert not process_alive(pid) and not [p for p in stubs if process_alive(p)]
     await server.stop()  # idempotent
 
 
@@ -371,7 +371,7 @@ async def test_stop_after_triton_was_killed_also_kills_its_orphaned_stubs(
     assert await server.wait() == -signal.SIGKILL
     started = time.monotonic()
     await server.stop()
-    assert not [p for p in stubs if _alive(p)]
+    assert not [p for p in stubs if process_alive(p)]
     assert time.monotonic() - started < 1.5, "the output pipe closed without waiting for the stubs"
 
 
@@ -402,13 +402,13 @@ async def test_triton_does_not_outlive_a_crashed_gateway(prepared_repo: Path, tm
     assert gateway.stdout is not None
     line = await asyncio.wait_for(gateway.stdout.readline(), 120)
     triton_pid = int(line)
-    assert _alive(triton_pid)
+    assert process_alive(triton_pid)
     leftover = backend_dir_of(triton_pid).parent  # a killed gateway cannot remove it; we do
     shm_prefix = triton_args(triton_pid)["backend-config"].rsplit("shm-region-prefix-name=", 1)[1]
     gateway.kill()  # no stop(), no cleanup: like an OOM kill
     await gateway.wait()
-    await asyncio.to_thread(wait_until, lambda: not _alive(triton_pid), 30)
-    assert not _alive(triton_pid), "Triton kept running after its parent died"
+    await asyncio.to_thread(wait_until, lambda: not process_alive(triton_pid), 30)
+    assert not process_alive(triton_pid), "Triton kept running after its parent died"
     shutil.rmtree(leftover, ignore_errors=True)
     # Triton's private /dev/shm is left behind too, as private as it was.
     assert set(remove_shm_leftovers(shm_prefix)) <= {0o700}
@@ -453,8 +453,8 @@ def test_what_the_gateway_starts_dies_with_it_and_needs_no_preexec_fn() -> None:
         assert _command_name(child) == "sleep", "setpriv did not start the command"
         parent.kill()
         parent.wait(10)
-        wait_until(lambda: not _alive(child), 10)
-        assert not _alive(child), "the child outlived its killed parent"
+        wait_until(lambda: not process_alive(child), 10)
+        assert not process_alive(child), "the child outlived its killed parent"
     finally:
         if parent.poll() is None:
             parent.kill()
