@@ -24,7 +24,7 @@ from skimage import data as skdata
 
 from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
 from bgremove_gateway.config import TritonSettings
-from bgremove_gateway.triton.embedded import EmbeddedTriton, _alive, _child_pids
+from bgremove_gateway.triton.embedded import EmbeddedTriton, _child_pids, process_alive
 from e2e_helpers import iou, reference_mask
 from load_helpers import children, codes, drive, open_fds, remove, small_jpeg
 from service_harness import GatewayProcess, free_port
@@ -219,7 +219,7 @@ async def test_killed_embedded_triton_is_restarted_and_serves_again() -> None:
         assert restarted != triton_pid
         # The dead Triton's stubs were killed with it and its output pipe closed: nothing leaks
         # per crash.
-        assert not [p for p in stubs if _alive(p)]
+        assert not [p for p in stubs if process_alive(p)]
         assert open_fds(gw.proc.pid) <= fds_before + 2
         assert "embedded Triton restarted (restart 1)" in gw.log_text()
         print(

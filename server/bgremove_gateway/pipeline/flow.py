@@ -1,14 +1,19 @@
 """upload → decode → preprocess → infer → postprocess → encode, one span per step.
 
 CPU-bound steps run in a bounded thread pool (Pillow, numpy, scipy and OpenCV release the GIL), so
-the event loop keeps serving other streams while one image is decoded or encoded. Large PNG and WebP
-encodes go to worker processes (encode_pool.py): their encoders hold the GIL throughout.
+the event loop keeps serving other streams while one image is decoded or encoded: decode and
+preprocess in one hop, postprocess and encode in another, each step still its own span and timing.
+Large PNG and WebP encodes go to worker processes (encode_pool.py): their encoders hold the GIL
+throughout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,8 +27,8 @@ from bgremove.v1 import bgremove_pb2 as pb
 from bgremove_gateway.config import Settings
 from bgremove_gateway.pipeline.background import decode_background
 from bgremove_gateway.pipeline.contract import MODEL_INPUT_SIZE
-from bgremove_gateway.pipeline.decode import decode
-from bgremove_gateway.pipeline.encode import encode
+from bgremove_gateway.pipeline.decode import DecodedImage, decode
+from bgremove_gateway.pipeline.encode import Encoded, encode
 from bgremove_gateway.pipeline.encode_pool import EncodePool
 from bgremove_gateway.pipeline.postprocess import Cutout, compose, mask_to_alpha
 from bgremove_gateway.pipeline.preprocess import to_model_input
@@ -42,6 +47,30 @@ async def settle(work: asyncio.Future[T]) -> None:
             await asyncio.wait([work])
     if not work.cancelled():
         work.exception()  # retrieved, so asyncio does not log it as never retrieved
+
+
+class Abandoned(Exception):
+    """A hop's later step not started: its caller had left (only settle() sees this)."""
+
+
+class Steps:
+    """The steps of one executor hop, each its own span and step timing; the first one's time
+    includes the wait for a free thread, as when each step was a hop of its own."""
+
+    def __init__(self) -> None:
+        self.queued = time.perf_counter()
+        self.queued_ns = time.time_ns()
+        # Set when the caller left: the hop's later steps are not started.
+        self.abandoned = threading.Event()
+        self._first = True
+
+    def run(self, step: str, fn: Callable[[], T]) -> T:
+        if self.abandoned.is_set():
+            raise Abandoned(step)
+        started, started_ns = (self.queued, self.queued_ns) if self._first else (None, None)
+        self._first = False
+        with tracer.start_as_current_span(step, start_time=started_ns), metrics.timed_step(step, started):
+            return fn()
 
 
 class Inference(Protocol):
@@ -94,16 +123,20 @@ class Pipeline:
         """The side `model`'s input is resized to: MODEL_INPUT_SIZE until Triton has said otherwise."""
         return self.input_sizes.get(model, MODEL_INPUT_SIZE)
 
-    async def _cpu(self, step: str, fn: Callable[[], T]) -> T:
-        with tracer.start_as_current_span(step), metrics.timed_step(step):
-            work = asyncio.get_running_loop().run_in_executor(self.executor, fn)
-            try:
-                return await asyncio.shield(work)
-            except asyncio.CancelledError:
-                # A thread cannot be stopped: the call keeps its memory and stream slot until the
-                # work really ends, so admission never counts memory that is still in use as free.
-                await settle(work)
-                raise
+    async def _cpu(self, fn: Callable[[Steps], T]) -> T:
+        """Runs `fn` in the executor, in this call's context (the parent of its steps' spans)."""
+        steps = Steps()
+        work = asyncio.get_running_loop().run_in_executor(
+            self.executor, contextvars.copy_context().run, fn, steps
+        )
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # A thread cannot be stopped: the call keeps its memory and stream slot until the
+            # work really ends, so admission never counts memory that is still in use as free.
+            steps.abandoned.set()
+            await settle(work)
+            raise
 
     async def receive(
         self, requests: AsyncIterator[pb.UploadRequest], ticket: Ticket | None = None
@@ -160,17 +193,25 @@ class Pipeline:
             )
             return compose(decoded, mask_to_alpha(mask, (width, height)), options, background)
 
-        decoded = await self._cpu("decode", lambda: decode(upload.data, upload.content_type, limits, admit))
-        width, height = decoded.image.size
-        trace.get_current_span().set_attribute("bgremove.image.pixels", width * height)
-        metrics.observe_megapixels(width * height)
+        def decode_and_preprocess(steps: Steps) -> tuple[DecodedImage, npt.NDArray[np.uint8]]:
+            image = steps.run("decode", lambda: decode(upload.data, upload.content_type, limits, admit))
+            pixels = image.image.width * image.image.height
+            trace.get_current_span().set_attribute("bgremove.image.pixels", pixels)
+            metrics.observe_megapixels(pixels)
+            return image, steps.run("preprocess", lambda: to_model_input(image.image, size))
+
+        encoder = self.encoder.encode if self.encoder is not None else encode
+
+        def postprocess_and_encode(steps: Steps) -> tuple[Cutout, Encoded]:
+            cut = steps.run("postprocess", lambda: postprocess(mask))
+            return cut, steps.run("encode", lambda: encoder(cut, options.format))
+
         size = self.input_size(model)
-        tensor = await self._cpu("preprocess", lambda: to_model_input(decoded.image, size))
+        decoded, tensor = await self._cpu(decode_and_preprocess)
+        width, height = decoded.image.size
         with tracer.start_as_current_span("infer", kind=trace.SpanKind.CLIENT), metrics.timed_step("infer"):
             mask = await self.inference.infer(model, tensor, timeout_s=timeout_s)
-        cutout = await self._cpu("postprocess", lambda: postprocess(mask))
-        encoder = self.encoder.encode if self.encoder is not None else encode
-        encoded = await self._cpu("encode", lambda: encoder(cutout, options.format))
+        cutout, encoded = await self._cpu(postprocess_and_encode)
         header = pb.ResultHeader(
             width=cutout.image.width,
             height=cutout.image.height,

@@ -176,10 +176,10 @@ def _trace_exemplar() -> dict[str, str] | None:
 
 
 @contextlib.contextmanager
-def timed_step(step: str) -> Iterator[None]:
-    """Observes the block's duration as `step`; inside the step's span, so its trace id is the
-    exemplar."""
-    started = time.perf_counter()
+def timed_step(step: str, started: float | None = None) -> Iterator[None]:
+    """Observes the block's duration as `step` (from `started`, a perf_counter reading, when given);
+    inside the step's span, so its trace id is the exemplar."""
+    started = time.perf_counter() if started is None else started
     try:
         yield
     finally:
