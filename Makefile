@@ -67,7 +67,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy -p bgremove -p bgremove_gateway
 
 # The quick loop: lint, types, stale stubs and the unit tests (no Triton), in about three minutes.
-check: lint typecheck check-protos
+check: lint typecheck check-protos tools
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # The standard sweep (0.3/1/4/12 MP x concurrency 1/4/16) with its own gateway; see benchmarks/README.md.
