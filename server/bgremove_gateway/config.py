@@ -134,6 +134,7 @@ def _usable_cores() -> int:
 
 LogFormat = Literal["text", "json"]
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
+DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ class Settings:
     # Which of those this process is (service/workers.py sets it); None: the pod's only process.
     worker: int | None = None
     # The remove.bg-compatible HTTP API (http/); None serves none.
-    http_listen: str | None = "127.0.0.1:8080"
+    http_listen: str | None = DEFAULT_HTTP_LISTEN
     # image_url / bg_image_url fetched by the gateway (public addresses only); refused when off.
     http_allow_urls: bool = False
     # GET / serves the browser page in http/ui/.

@@ -35,6 +35,62 @@ def test_port_taken_is_one_clear_line() -> None:
     assert "Traceback" not in out.stderr
 
 
+def _occupy(port: int) -> socket.socket | None:
+    """Listens on 127.0.0.1:`port`; None when something else already does (taken either way)."""
+    sock = socket.socket()
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        return None
+    sock.listen()
+    return sock
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_default_http_and_metrics_ports_taken_leave_grpc_serving(
+    gateway: GatewayProcess, workers: int
+) -> None:
+    # A second gateway beside `make run`: its defaults are taken; it serves gRPC and says what it lacks.
+    held = [_occupy(8080), _occupy(9464)]
+    try:
+        env = {
+            "BGREMOVE_HTTP_LISTEN": "127.0.0.1:8080",
+            "BGREMOVE_METRICS_LISTEN": "127.0.0.1:9464",
+            "BGREMOVE_WORKERS": str(workers),
+        }
+        second = GatewayProcess(args=["--triton-url", f"127.0.0.1:{gateway.triton_grpc_port}"], env=env)
+        with second.serving():
+            log = second.log_text()
+            assert "127.0.0.1:8080" in log and "serving no HTTP API" in log
+            assert "serving no metrics" in log
+    finally:
+        for sock in held:
+            if sock is not None:
+                sock.close()
+
+
+def test_an_http_address_asked_for_must_be_free() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        out = _run_serve(
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--http-listen",
+            f"127.0.0.1:{port}",
+            "--triton-url",
+            "127.0.0.1:1",
+            "--workers",
+            "1",
+            timeout=60,
+        )
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"bgremove serve: cannot serve HTTP on 127.0.0.1:{port}: Address already in use")
+
+
 def test_missing_model_repository_is_one_clear_line(tmp_path: Path) -> None:
     out = _run_serve(
         "--listen",

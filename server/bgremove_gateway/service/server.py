@@ -24,7 +24,7 @@ from bgremove.v1 import bgremove_pb2_grpc as pb_grpc
 from bgremove_gateway.access.control import RELOAD_INTERVAL_S, AccessControl, KeyStore
 from bgremove_gateway.access.shared_limits import SharedLimiter, SharedLimitsError
 from bgremove_gateway.access.tls import Listener, ListenerError, is_loopback, listener
-from bgremove_gateway.config import DEFAULT_METRICS_LISTEN, Settings
+from bgremove_gateway.config import DEFAULT_HTTP_LISTEN, DEFAULT_METRICS_LISTEN, Settings
 from bgremove_gateway.http import listener as http_listener
 from bgremove_gateway.http.app import PATH, HttpApi, create_app, http_policy
 from bgremove_gateway.http.fetch import UrlFetcher
@@ -211,7 +211,11 @@ class Gateway:
         try:
             self.http_socket = http_listener.bind(address, reuse_port=bool(_reuseport(self.settings)))
         except http_listener.HttpListenError as exc:
-            raise StartupError(str(exc)) from None
+            if address != DEFAULT_HTTP_LISTEN:
+                raise StartupError(str(exc)) from None
+            # As with metrics: the default port taken (`make run` beside a second gateway) must not
+            # keep gRPC from serving; an address asked for must be there.
+            log.warning("%s: serving no HTTP API (choose another with --http-listen)", exc)
 
     async def _serve_http(self, pipeline: Pipeline, access_control: AccessControl) -> None:
         """Serves the HTTP API on this event loop, with the gRPC servicer's pipeline and limits."""

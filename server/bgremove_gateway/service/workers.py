@@ -39,7 +39,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from bgremove.tracing import otlp_traces_url
 from bgremove_gateway.access.tls import ListenerError, listener
-from bgremove_gateway.config import DEFAULT_METRICS_LISTEN, Settings
+from bgremove_gateway.config import DEFAULT_HTTP_LISTEN, DEFAULT_METRICS_LISTEN, Settings
 from bgremove_gateway.runtime import metrics
 from bgremove_gateway.runtime.budget import share
 from bgremove_gateway.runtime.shared_budget import (
@@ -208,8 +208,14 @@ class Pod:
             security = replace(security, health_listen=health_listen)
         http_listen = s.http_listen
         if http_listen is not None:
-            held, http_listen = hold_port(http_listen)
-            self._held.append(held)
+            try:
+                held, http_listen = hold_port(http_listen)
+                self._held.append(held)
+            except StartupError as exc:
+                if http_listen != DEFAULT_HTTP_LISTEN:
+                    raise
+                log.warning("%s: serving no HTTP API (choose another with --http-listen)", exc)
+                http_listen = None
         self.settings = s = replace(s, listen=listen, security=security, http_listen=http_listen)
         self._serve_metrics()
         self._share_admission()
