@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,22 @@ def scrape(url: str) -> str:
         return text
 
 
+def wait_every_worker_ready(target: str, timeout_s: float = 60.0) -> None:
+    """Until 8 fresh connections in a row (the kernel spreads them over the workers) find the model
+    ready: each worker notices Triton on its own probe, up to a second after the first one."""
+    deadline = time.monotonic() + timeout_s
+    ready = 0
+    while ready < 8:
+        assert time.monotonic() < deadline, "a worker never saw Triton ready"
+        with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            info = pb_grpc.BackgroundRemovalStub(channel).GetServiceInfo(
+                pb.GetServiceInfoRequest(), timeout=30
+            )
+        ready = ready + 1 if all(m.ready for m in info.models) else 0
+        if not ready:
+            time.sleep(0.2)
+
+
 def scrape_gateway(workers: int) -> Scraped:
     """Both scrapes of a gateway with `workers` processes and its own embedded Triton, after a few
     real calls."""
@@ -137,6 +154,7 @@ def scrape_gateway(workers: int) -> Scraped:
     )
     found = Scraped({}, {})
     with gw.serving():
+        wait_every_worker_ready(gw.target)
         image = jpeg_bytes(skdata.chelsea())
         for output in (pb.OUTPUT_FORMAT_PNG, pb.OUTPUT_FORMAT_WEBP):
             header, data, _ = stream_remove(gw.target, image, options=pb.Options(format=output))

@@ -439,7 +439,6 @@ async def until_signalled(target: Servable, ready: Callable[[], None], draining:
         draining()
     finally:
         await target.stop()
-    log.info("stopped")
     return 0
 
 
@@ -455,4 +454,6 @@ async def serve(settings: Settings, started: Callable[[], None] | None = None) -
     def draining() -> None:
         log.info("shutting down: draining for up to %.0fs", settings.drain_seconds)
 
-    return await until_signalled(Gateway(settings), ready, draining)
+    code = await until_signalled(Gateway(settings), ready, draining)
+    log.info("stopped")
+    return code

@@ -424,7 +424,9 @@ async def serve_pod(settings: Settings) -> int:
             "shutting down: %d workers draining for up to %.0fs", len(pod.workers), settings.drain_seconds
         )
 
-    return await until_signalled(pod, lambda: None, draining)
+    code = await until_signalled(pod, lambda: None, draining)
+    log.info("stopped")
+    return code
 
 
 def _worker_main() -> int:
