@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
 MiB = 1024 * 1024
+# A message's fields around its bytes (header, options), on top of the bytes themselves.
+MESSAGE_OVERHEAD = 64 * 1024
 
 # The repository checkout's model_repository/, found relative to this file so `bgremove serve`
 # works from any working directory in a development install.
@@ -50,6 +52,16 @@ class Limits:
     # Options.bg_image: a background photo; counted in the call's upload (and unary) limit too.
     # It also sizes gRPC's largest message (a stream header carries it), read before any key check.
     max_bg_image_bytes: int = 4 * MiB
+
+    @property
+    def largest_request_bytes(self) -> int:
+        """gRPC's receive limit: a stream's header carries bg_image, a unary request image + bg_image."""
+        return max(self.max_unary_bytes, self.max_chunk_bytes, self.max_bg_image_bytes) + MESSAGE_OVERHEAD
+
+    @property
+    def largest_answer_bytes(self) -> int:
+        """gRPC's send limit: a streamed result's chunk, or a whole RemoveBackground answer."""
+        return max(self.largest_request_bytes, self.result_chunk_bytes + MESSAGE_OVERHEAD)
 
 
 @dataclass(frozen=True)

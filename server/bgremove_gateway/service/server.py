@@ -56,11 +56,9 @@ def _reuseport(settings: Settings) -> int:
 
 def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
     lim, conn = settings.limits, settings.connections
-    # A stream's header carries Options.bg_image; a unary request's image and bg_image share its limit.
-    largest_message = max(lim.max_unary_bytes, lim.max_chunk_bytes, lim.max_bg_image_bytes) + 64 * 1024
     return [
-        ("grpc.max_receive_message_length", largest_message),
-        ("grpc.max_send_message_length", max(largest_message, lim.result_chunk_bytes + 64 * 1024)),
+        ("grpc.max_receive_message_length", lim.largest_request_bytes),
+        ("grpc.max_send_message_length", lim.largest_answer_bytes),
         # gRPC sets SO_REUSEPORT by default, which lets a second gateway silently share the port;
         # only the workers of one pod (--workers) share it, each its own listener.
         ("grpc.so_reuseport", _reuseport(settings)),

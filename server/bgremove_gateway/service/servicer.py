@@ -97,8 +97,20 @@ class BackgroundRemovalServicer(pb_grpc.BackgroundRemovalServicer):
         self.idle_trim.enter()
         try:
             result = await self._guarded(access, context, request, ticket)
+            response = pb.RemoveBackgroundResponse(header=result.header, image=result.data)
+            limit = self.pipeline.settings.limits.largest_answer_bytes
+            if response.ByteSize() > limit:
+                # gRPC would refuse to send it, with its own words and a stack trace in our log.
+                err = ServiceError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the result ({result.header.content_type}) is {len(result.data)} bytes, over the "
+                    f"{limit} bytes one RemoveBackground answer can carry: use StreamRemoveBackground, "
+                    "which streams it in chunks, or ask for a smaller result (max_output_pixels, JPEG)",
+                )
+                access.code = err.code
+                await abort(context, err)
             access.bytes_out = len(result.data)
-            return pb.RemoveBackgroundResponse(header=result.header, image=result.data)
+            return response
         finally:
             self._release(ticket, access)
 

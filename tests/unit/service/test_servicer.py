@@ -223,6 +223,25 @@ async def test_the_unary_call_answers_in_one_message(service: Service) -> None:
     assert access_line(service, "RemoveBackground")["status"] == "OK"
 
 
+async def test_a_unary_result_too_large_for_one_message_is_refused_in_words(service: Service) -> None:
+    service.model.mask[:] = 255  # all subject: the noise's PNG is 3 bytes a pixel, over 4 MiB
+    photo = jpeg(1600, 1200, noise=True)
+    options = pb.Options(format=pb.OUTPUT_FORMAT_PNG, bg_color=pb.Color(r=255, g=255, b=255))
+    request = pb.RemoveBackgroundRequest(image=photo, content_type="image/jpeg", options=options)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.stub.RemoveBackground(request)
+    err = caught.value
+    limit = LIMITS.largest_answer_bytes
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"over the {limit} bytes one RemoveBackground answer can carry" in (err.details() or "")
+    assert "StreamRemoveBackground" in (err.details() or "")
+    await service.settled()
+    assert access_line(service, "RemoveBackground")["status"] == "RESOURCE_EXHAUSTED"
+    # The same photo streams.
+    answer = [m async for m in service.stub.StreamRemoveBackground(messages(photo, options=options))]
+    assert answer[0].header.size > limit
+
+
 async def test_service_info_reports_the_models_the_limits_and_the_formats(service: Service) -> None:
     info = await service.stub.GetServiceInfo(pb.GetServiceInfoRequest())
     assert [(m.name, m.input_size, m.ready) for m in info.models] == [("u2netp", MODEL_INPUT_SIZE, True)]
